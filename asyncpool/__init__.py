@@ -1,0 +1,32 @@
+"""asyncpool: a fair, observable, lifespan-bound pool for SQLAlchemy asyncio on asyncpg."""
+
+from __future__ import annotations
+
+from .config import PoolConfig as PoolConfig
+from .engine import create_pooled_engine as create_pooled_engine
+from .errors import AsyncPoolError as AsyncPoolError
+from .errors import ConfigurationError as ConfigurationError
+from .errors import DatabaseUnavailableError as DatabaseUnavailableError
+from .errors import PoolClosedError as PoolClosedError
+from .errors import PoolOverloadedError as PoolOverloadedError
+from .errors import PoolTimeoutError as PoolTimeoutError
+from .errors import WrongEventLoopError as WrongEventLoopError
+from .stats import PoolStatistics as PoolStatistics
+from .stats import statistics as statistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncPoolError",
+    "ConfigurationError",
+    "DatabaseUnavailableError",
+    "PoolClosedError",
+    "PoolConfig",
+    "PoolOverloadedError",
+    "PoolStatistics",
+    "PoolTimeoutError",
+    "WrongEventLoopError",
+    "__version__",
+    "create_pooled_engine",
+    "statistics",
+]

@@ -1,0 +1,238 @@
+"""PoolConfig: validated pool settings with production defaults.
+
+Every setting is checked when the config is built, so a bad value fails at
+start-up with a message naming the setting and its valid range, never later
+as a hang or a leaked connection. ``PoolConfig.from_env()`` reads the same
+settings from ``ASYNCPOOL_*`` variables with the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from .errors import ConfigurationError
+
+__all__ = ["PoolConfig"]
+
+#: PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes.
+_APPLICATION_NAME_MAX: Final = 63
+
+#: Variables under the prefix that belong to other parts of asyncpool and are
+#: not pool settings (the test harness DSN).
+_NOT_SETTINGS: Final = frozenset({"TEST_DSN"})
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+_NONE: Final = frozenset({"", "none", "null"})
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Settings of one pool. Durations are float seconds.
+
+    The defaults are meant for a production web service: pre-ping on (but
+    skipped for connections returned in the last half second), connections
+    recycled every 30 minutes, a 10 s bound on waiting for a connection and
+    on connecting.
+    """
+
+    #: Name of the pool in logs, errors, metrics and ``statistics()``;
+    #: ``None`` picks ``pool-N``.
+    name: str | None = None
+    #: Connections kept open in the pool (1 to 10000).
+    pool_size: int = 10
+    #: Extra connections opened under load and closed when returned (0 to 10000).
+    max_overflow: int = 10
+    #: Seconds a checkout waits for a connection before ``PoolTimeoutError``.
+    pool_timeout: float = 10.0
+    #: Seconds after which a connection is replaced at checkout; ``None`` never.
+    pool_recycle: float | None = 1800.0
+    #: Check a connection with a cheap round trip before handing it out.
+    pre_ping: bool = True
+    #: Seconds a pre-ping may take before the connection is deemed dead.
+    pre_ping_timeout: float = 5.0
+    #: Skip the pre-ping for connections returned less than this many seconds
+    #: ago (HikariCP's alive-bypass window); 0 pings every checkout.
+    pre_ping_skip_window: float = 0.5
+    #: Refuse a checkout at once when this many callers already wait; 0 = no limit.
+    max_waiting: int = 0
+    #: Hand out the most recently returned connection first (lets idle ones age out).
+    use_lifo: bool = False
+    #: Seconds to establish a new connection (asyncpg ``timeout``).
+    connect_timeout: float = 10.0
+    #: Default per-statement timeout in seconds (asyncpg ``command_timeout``); ``None`` off.
+    command_timeout: float | None = None
+    #: Warn when a connection is held longer than this many seconds; ``None`` off.
+    leak_threshold: float | None = None
+    #: ``application_name`` reported to PostgreSQL; ``None`` uses the pool name.
+    application_name: str | None = None
+    #: Connections opened when the pool is warmed at start-up; ``None`` = ``pool_size``.
+    min_idle: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_name("name", self.name, optional=True)
+        _check_int("pool_size", self.pool_size, low=1, high=10_000)
+        _check_int("max_overflow", self.max_overflow, low=0, high=10_000)
+        _check_seconds("pool_timeout", self.pool_timeout, allow_zero=False)
+        _check_seconds("pool_recycle", self.pool_recycle, allow_zero=False, optional=True)
+        _check_bool("pre_ping", self.pre_ping)
+        _check_seconds("pre_ping_timeout", self.pre_ping_timeout, allow_zero=False)
+        _check_seconds("pre_ping_skip_window", self.pre_ping_skip_window, allow_zero=True)
+        _check_int("max_waiting", self.max_waiting, low=0, high=1_000_000)
+        _check_bool("use_lifo", self.use_lifo)
+        _check_seconds("connect_timeout", self.connect_timeout, allow_zero=False)
+        _check_seconds("command_timeout", self.command_timeout, allow_zero=False, optional=True)
+        _check_seconds("leak_threshold", self.leak_threshold, allow_zero=False, optional=True)
+        _check_name("application_name", self.application_name, optional=True)
+        if self.min_idle is not None:
+            _check_int("min_idle", self.min_idle, low=0, high=self.pool_size, high_name="pool_size")
+
+    @property
+    def max_size(self) -> int:
+        """The most connections this pool can hold open at once."""
+        return self.pool_size + self.max_overflow
+
+    @property
+    def effective_min_idle(self) -> int:
+        """Connections to open when warming: ``min_idle``, else ``pool_size``."""
+        return self.pool_size if self.min_idle is None else self.min_idle
+
+    def replace(self, **changes: Any) -> PoolConfig:
+        """A copy with some settings changed, validated like the original."""
+        unknown = sorted(set(changes) - set(setting_names()))
+        if unknown:
+            raise ConfigurationError(
+                unknown[0], changes[unknown[0]], f"one of the settings {', '.join(setting_names())}"
+            )
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(
+        cls,
+        prefix: str = "ASYNCPOOL_",
+        *,
+        environ: Mapping[str, str] | None = None,
+        **defaults: Any,
+    ) -> PoolConfig:
+        """Build a config from environment variables (12-factor style).
+
+        ``ASYNCPOOL_POOL_SIZE=20`` sets ``pool_size``; ``none`` (or an empty
+        value) turns an optional setting off; booleans accept
+        1/0, true/false, yes/no, on/off. A variable under the prefix that is
+        not a setting is an error, so a typo cannot pass silently.
+        ``defaults`` are used for settings the environment does not give.
+        """
+        env = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = dict(defaults)
+        for key, raw in env.items():
+            if not key.startswith(prefix):
+                continue
+            suffix = key[len(prefix) :]
+            if suffix in _NOT_SETTINGS:
+                continue
+            name = suffix.lower()
+            if name not in fields:
+                raise ConfigurationError(
+                    key, raw, f"a setting, one of {', '.join(prefix + n.upper() for n in fields)}"
+                )
+            values[name] = _parse_env(key, raw, _FIELD_KINDS[name])
+        return cls(**values)
+
+
+def setting_names() -> tuple[str, ...]:
+    """Names of every ``PoolConfig`` setting, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(PoolConfig))
+
+
+# What each setting parses as from a string: (kind, optional).
+_FIELD_KINDS: Final[dict[str, tuple[str, bool]]] = {
+    "name": ("str", True),
+    "pool_size": ("int", False),
+    "max_overflow": ("int", False),
+    "pool_timeout": ("float", False),
+    "pool_recycle": ("float", True),
+    "pre_ping": ("bool", False),
+    "pre_ping_timeout": ("float", False),
+    "pre_ping_skip_window": ("float", False),
+    "max_waiting": ("int", False),
+    "use_lifo": ("bool", False),
+    "connect_timeout": ("float", False),
+    "command_timeout": ("float", True),
+    "leak_threshold": ("float", True),
+    "application_name": ("str", True),
+    "min_idle": ("int", True),
+}
+
+
+def _parse_env(key: str, raw: str, kind: tuple[str, bool]) -> Any:
+    type_name, optional = kind
+    text = raw.strip()
+    if optional and text.lower() in _NONE:
+        return None
+    if type_name == "str":
+        return text
+    if type_name == "bool":
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigurationError(key, raw, "a boolean (1/0, true/false, yes/no, on/off)")
+    try:
+        return int(text) if type_name == "int" else float(text)
+    except ValueError:
+        expected = "an integer" if type_name == "int" else "a number of seconds"
+        if optional:
+            expected += " or 'none'"
+        raise ConfigurationError(key, raw, expected) from None
+
+
+def _check_int(
+    setting: str, value: object, *, low: int, high: int, high_name: str | None = None
+) -> None:
+    upper = f"{high_name} ({high})" if high_name else str(high)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigurationError(setting, value, f"an integer from {low} to {upper}")
+
+
+def _check_seconds(
+    setting: str, value: object, *, allow_zero: bool, optional: bool = False
+) -> None:
+    if value is None and optional:
+        return
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    if not ok:
+        expected = "a finite number of seconds " + (">= 0" if allow_zero else "> 0")
+        if optional:
+            expected += ", or None to turn it off"
+        raise ConfigurationError(setting, value, expected)
+
+
+def _check_bool(setting: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigurationError(setting, value, "True or False")
+
+
+def _check_name(setting: str, value: object, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    ok = (
+        isinstance(value, str)
+        and 0 < len(value.encode()) <= _APPLICATION_NAME_MAX
+        and value.isascii()
+        and value.isprintable()
+    )
+    if not ok:
+        raise ConfigurationError(
+            setting, value, f"printable ASCII text of 1 to {_APPLICATION_NAME_MAX} characters"
+        )

@@ -1,0 +1,157 @@
+"""create_pooled_engine(): an AsyncEngine with asyncpool's pool and defaults.
+
+The result is a genuine ``sqlalchemy.ext.asyncio.AsyncEngine``, so sessions,
+``async_sessionmaker`` and all SQLAlchemy code work unchanged. What changes is
+the pool underneath (fair, bounded, observable) and the asyncpg connection
+settings (timeouts, ``application_name``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ._pool import FairAsyncPool, PoolState, next_pool_name
+from .config import PoolConfig, setting_names
+from .errors import AsyncPoolError, ConfigurationError
+
+__all__ = ["create_pooled_engine", "pool_of", "redact_url"]
+
+#: Driver names accepted as they are, and the ones upgraded to asyncpg.
+_ASYNCPG: Final = "postgresql+asyncpg"
+_PLAIN_POSTGRES: Final = frozenset({"postgresql", "postgres"})
+
+#: create_async_engine options that asyncpool owns; setting them would undo it.
+_RESERVED_ENGINE_OPTIONS: Final = frozenset(
+    {
+        "poolclass",
+        "pool",
+        "pool_size",
+        "max_overflow",
+        "pool_timeout",
+        "pool_recycle",
+        "pool_pre_ping",
+        "pool_use_lifo",
+        "pool_logging_name",
+        "asyncpool_state",
+    }
+)
+
+
+def create_pooled_engine(
+    url: str | URL,
+    config: PoolConfig | None = None,
+    *,
+    engine_options: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> AsyncEngine:
+    """Create an ``AsyncEngine`` on asyncpool's fair pool.
+
+    ``config`` gives the pool settings (defaults: ``PoolConfig()``);
+    ``overrides`` change single settings (``pool_size=20``).
+    ``engine_options`` are passed to ``create_async_engine`` as they are
+    (``echo``, ``json_serializer``, ``connect_args``, ...), except the pool
+    options asyncpool sets itself.
+
+    Raises ``ConfigurationError`` before any connection is opened when a
+    setting is invalid or the URL is not PostgreSQL on asyncpg.
+    """
+    config = config if config is not None else PoolConfig()
+    if not isinstance(config, PoolConfig):
+        raise ConfigurationError("config", type(config).__name__, "a PoolConfig or None")
+    if overrides:
+        config = config.replace(**overrides)
+    options = dict(engine_options or {})
+    reserved = sorted(_RESERVED_ENGINE_OPTIONS & set(options))
+    if reserved:
+        raise ConfigurationError(
+            f"engine_options[{reserved[0]!r}]",
+            options[reserved[0]],
+            f"left to asyncpool; set it through PoolConfig ({', '.join(setting_names())})",
+        )
+    parsed = _asyncpg_url(url)
+    name = config.name or next_pool_name()
+    config = config.replace(name=name)
+    state = PoolState(config, name)
+
+    connect_args = dict(options.pop("connect_args", {}))
+    server_settings = dict(connect_args.pop("server_settings", {}))
+    server_settings.setdefault("application_name", config.application_name or name)
+    connect_args["server_settings"] = server_settings
+    connect_args.setdefault("timeout", config.connect_timeout)
+    if config.command_timeout is not None:
+        connect_args.setdefault("command_timeout", config.command_timeout)
+
+    engine = create_async_engine(
+        parsed,
+        poolclass=FairAsyncPool,
+        asyncpool_state=state,
+        pool_size=config.pool_size,
+        max_overflow=config.max_overflow,
+        pool_timeout=config.pool_timeout,
+        pool_recycle=-1 if config.pool_recycle is None else config.pool_recycle,
+        pool_use_lifo=config.use_lifo,
+        pool_pre_ping=False,  # asyncpool pings itself, bounded and cheaper
+        pool_logging_name=name,
+        connect_args=connect_args,
+        **options,
+    )
+    for hook in _engine_hooks:
+        hook(engine)
+    return engine
+
+
+#: Called with every new engine (telemetry, fork safety register here).
+_engine_hooks: list[Any] = []
+
+
+def pool_of(engine: AsyncEngine | Any) -> FairAsyncPool:
+    """The asyncpool pool behind ``engine`` (an AsyncEngine or its sync_engine)."""
+    sync_engine = getattr(engine, "sync_engine", engine)
+    pool = getattr(sync_engine, "pool", None)
+    if not isinstance(pool, FairAsyncPool):
+        raise AsyncPoolError(
+            f"{engine!r} does not use asyncpool's pool; create it with "
+            "asyncpool.create_pooled_engine()"
+        )
+    return pool
+
+
+def redact_url(url: str | URL) -> str:
+    """The URL as text with the password masked; safe for logs and errors."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
+
+
+def _asyncpg_url(url: str | URL) -> URL:
+    if not isinstance(url, str | URL):
+        raise ConfigurationError("url", type(url).__name__, "a database URL string or URL")
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        # The raw text may hold a password: never echo it.
+        raise ConfigurationError(
+            "url",
+            "<unparseable URL>",
+            "a URL like postgresql+asyncpg://user:password@host:5432/dbname "
+            f"({type(exc).__name__})",
+        ) from None
+    if parsed.drivername in _PLAIN_POSTGRES:
+        parsed = parsed.set(drivername=_ASYNCPG)
+    if parsed.drivername != _ASYNCPG:
+        raise ConfigurationError(
+            "url",
+            redact_url(parsed),
+            "a PostgreSQL URL on the asyncpg driver (postgresql+asyncpg://...)",
+        )
+    try:
+        parsed.port  # noqa: B018 - touching it validates the port text
+    except ValueError:
+        raise ConfigurationError("url", redact_url(parsed), "a URL with a numeric port") from None
+    return parsed

@@ -1,0 +1,92 @@
+"""Bounded pre-ping: dead connections are replaced unseen; recent ones are not pinged."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from asyncpool import statistics
+from tests.fix_db import EngineFactory, TestDatabase
+
+
+async def open_idle_connections(engine: AsyncEngine, count: int) -> set[int]:
+    """Check out ``count`` connections at once, note their backend pids, return them."""
+    conns = [await engine.connect() for _ in range(count)]
+    pids = {(await c.execute(text("SELECT pg_backend_pid()"))).scalar_one() for c in conns}
+    for conn in conns:
+        await conn.close()
+    return pids
+
+
+async def test_pre_ping_replaces_terminated_connections_without_an_error(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    engine = make_engine(pool_size=3, max_overflow=0, pre_ping_skip_window=0)
+    old_pids = await open_idle_connections(engine, 3)
+    assert await database.terminate(app_name) == 3
+
+    async def query() -> int:
+        async with engine.connect() as conn:
+            return int((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+
+    new_pids = set(await asyncio.gather(query(), query(), query()))
+    assert not new_pids & old_pids
+    stats = statistics(engine)
+    assert stats.pre_ping_failures == 3
+    assert stats.invalidations == 3
+    assert stats.connects == 6
+    assert stats.checked_out == 0
+
+
+async def test_pre_ping_is_skipped_inside_the_skip_window(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    # Within the window the pool trusts a just-returned connection, so a
+    # backend killed in between is only found by the query itself.
+    engine = make_engine(pool_size=1, max_overflow=0, pre_ping_skip_window=60)
+    await open_idle_connections(engine, 1)
+    await database.terminate(app_name)
+    with pytest.raises(sa_exc.DBAPIError):
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    assert statistics(engine).pre_ping_failures == 0
+    async with engine.connect() as conn:  # SQLAlchemy invalidated it: the next one is fresh
+        assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+
+
+async def test_pre_ping_uses_no_transaction_and_no_prepared_statement(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    engine = make_engine(pool_size=1, max_overflow=0, pre_ping_skip_window=0)
+    count_prepared = text("SELECT count(*) FROM pg_prepared_statements")
+    async with engine.connect() as conn:
+        before = (await conn.execute(count_prepared)).scalar()
+    conn = await engine.connect()  # pinged here, before any statement of ours
+    try:
+        (row,) = await database.fetch(
+            "SELECT state, xact_start FROM pg_stat_activity WHERE application_name = $1",
+            app_name,
+        )
+        assert row["state"] == "idle" and row["xact_start"] is None
+        after = (await conn.execute(count_prepared)).scalar()
+    finally:
+        await conn.close()
+    assert after == before
+    stats = statistics(engine)
+    assert (stats.pre_pings, stats.pre_ping_failures) == (1, 0)
+
+
+async def test_pre_ping_off_never_pings(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    engine = make_engine(pool_size=1, max_overflow=0, pre_ping=False)
+    await open_idle_connections(engine, 1)
+    await database.terminate(app_name)
+    with pytest.raises(sa_exc.DBAPIError):
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    assert statistics(engine).pre_ping_failures == 0
