@@ -1,0 +1,139 @@
+"""The OpenTelemetry setting of one benchmark worker process.
+
+OpenTelemetry's global providers can be set only once per process, so each
+variant runs in its own worker process and sets its environment up before
+anything else is imported:
+
+* ``plain``: nothing is touched; the API's global providers stay the default
+  (no-op) ones. Variants here either have no telemetry or turn it off.
+* ``sdk``: the SDK's ``MeterProvider`` (an ``InMemoryMetricReader``) and
+  ``TracerProvider`` (``SimpleSpanProcessor`` into an ``InMemorySpanExporter``)
+  are installed globally, as an application with OpenTelemetry set up would.
+* ``noop``: the SDK cannot even be imported (an import hook refuses it), so
+  the code under test can only reach the API's no-op implementation, as on a
+  machine without ``opentelemetry-sdk``.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Final
+
+ENVS: Final = ("plain", "sdk", "noop")
+
+_SDK: Final = "opentelemetry.sdk"
+
+
+class _RefuseSDK(importlib.abc.MetaPathFinder):
+    """An import hook that makes ``opentelemetry.sdk`` look uninstalled."""
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname == _SDK or fullname.startswith(_SDK + "."):
+            raise ModuleNotFoundError(f"No module named {fullname!r} (no-SDK benchmark variant)")
+        return None
+
+
+@dataclass
+class Telemetry:
+    """What the worker's OpenTelemetry setup left behind, to read after a cell."""
+
+    env: str
+    metric_reader: Any = None
+    span_exporter: Any = None
+
+    def describe(self) -> dict[str, str]:
+        from opentelemetry import metrics, trace
+
+        return {
+            "env": self.env,
+            "meter_provider": type(metrics.get_meter_provider()).__name__,
+            "tracer_provider": type(trace.get_tracer_provider()).__name__,
+            "sdk_importable": str(_sdk_importable()),
+        }
+
+    def harvest(self, pool_name: str) -> dict[str, Any]:
+        """Collect (timed) and summarise what was recorded for ``pool_name``, then forget spans.
+
+        Histograms give their count, sums their value, gauges their last value;
+        only data points with ``pool_name`` among their attribute values count.
+        Proves that the telemetry variant really recorded something.
+        """
+        out: dict[str, Any] = {}
+        if self.metric_reader is not None:
+            started = time.perf_counter()
+            data = self.metric_reader.get_metrics_data()
+            out["collect_ms"] = round(1000 * (time.perf_counter() - started), 3)
+            out["metrics"] = _summarise(data, pool_name)
+        if self.span_exporter is not None:
+            spans = self.span_exporter.get_finished_spans()
+            names: dict[str, int] = {}
+            for span in spans:
+                names[span.name] = names.get(span.name, 0) + 1
+            out["spans"] = names
+            self.span_exporter.clear()
+        return out
+
+
+def setup(env: str) -> Telemetry:
+    """Prepare this process for ``env``; call before importing asyncpool or SQLAlchemy."""
+    if env not in ENVS:
+        raise ValueError(f"unknown telemetry environment {env!r}; one of {ENVS}")
+    if env == "noop":
+        if any(name == _SDK or name.startswith(_SDK + ".") for name in sys.modules):
+            raise RuntimeError("opentelemetry.sdk was imported before the no-SDK hook")
+        sys.meta_path.insert(0, _RefuseSDK())
+        return Telemetry(env)
+    if env == "plain":
+        return Telemetry(env)
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(tracer_provider)
+    return Telemetry(env, metric_reader=reader, span_exporter=exporter)
+
+
+def _sdk_importable() -> bool:
+    """Whether the SDK could be imported here (asks the import system, imports nothing)."""
+    try:
+        return importlib.util.find_spec(_SDK) is not None
+    except ImportError:
+        return False
+
+
+def _summarise(data: Any, pool_name: str) -> dict[str, float]:
+    summary: dict[str, float] = {}
+    if data is None:
+        return summary
+    for resource_metrics in data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                for point in metric.data.data_points:
+                    if pool_name not in {str(v) for v in (point.attributes or {}).values()}:
+                        continue
+                    if hasattr(point, "count"):  # histogram
+                        value = float(point.count)
+                    else:
+                        value = float(point.value)
+                    summary[metric.name] = summary.get(metric.name, 0.0) + value
+    return summary

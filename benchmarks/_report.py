@@ -1,0 +1,334 @@
+"""Turn raw benchmark cells into summaries, target verdicts and Markdown tables.
+
+Every ratio is *paired*: variant and baseline measured in the same round
+(adjacent in time), divided, and the median (min-max) of those per-round
+ratios reported. Neighbouring cells share the machine's momentary load, so
+paired ratios are steadier than a ratio of medians on a shared machine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, Final
+
+from ._stats import spread
+
+#: (variant, baseline, metric, goal, kind, label) checked at concurrency 10.
+#: kind "min": the ratio must be >= goal; "max": <= goal.
+TARGETS: Final = (
+    (
+        "ap_default",
+        "sa",
+        "ops_s",
+        0.95,
+        "min",
+        "asyncpool defaults vs plain SQLAlchemy without pre-ping, ops/s, c10",
+    ),
+    (
+        "ap_default",
+        "sa_preping",
+        "ops_s",
+        1.25,
+        "min",
+        "asyncpool defaults vs plain SQLAlchemy with pre-ping, ops/s, c10",
+    ),
+    (
+        "ap_default",
+        "ap_notel",
+        "cpu_us_op",
+        1.05,
+        "max",
+        "telemetry on (SDK) vs off, client CPU/op, c10 (cost <= 5%)",
+    ),
+    (
+        "ap_noop",
+        "ap_notel",
+        "cpu_us_op",
+        1.01,
+        "max",
+        "telemetry on (no-op API, no SDK) vs off, client CPU/op, c10 (cost <= 1%)",
+    ),
+)
+
+#: Telemetry comparisons shown at every concurrency: (variant, against, label).
+TELEMETRY_COSTS: Final = (
+    ("ap_default", "ap_notel", "telemetry on, SDK + in-memory readers"),
+    ("ap_noop", "ap_notel", "telemetry on, no SDK (no-op API)"),
+    ("ap_ping_always", "ap_notel", "pre-ping on every checkout (skip window 0)"),
+)
+
+
+def summarise_throughput(raw: list[dict[str, Any]], baselines: Iterable[str]) -> dict[str, Any]:
+    """``{variant: {concurrency: {ops_s, cpu_us_op, vs_<baseline>: {...}}}}`` from raw cells."""
+    by_cell: dict[tuple[str, int], dict[int, dict[str, Any]]] = defaultdict(dict)
+    for cell in raw:
+        by_cell[(cell["variant"], cell["concurrency"])][cell["round"]] = cell
+    summary: dict[str, Any] = defaultdict(dict)
+    for (variant, conc), rounds in sorted(by_cell.items()):
+        entry: dict[str, Any] = {
+            "rounds": len(rounds),
+            "ops_s": spread([r["ops_s"] for r in rounds.values()]),
+            "cpu_us_op": spread([r["cpu_us_op"] for r in rounds.values()]),
+            "machine_steal": spread([r.get("machine_steal", math.nan) for r in rounds.values()]),
+        }
+        for base in (*baselines, *(c[1] for c in TELEMETRY_COSTS), *(t[1] for t in TARGETS)):
+            key = f"vs_{base}"
+            if key in entry or (base, conc) not in by_cell:
+                continue
+            entry[key] = paired_ratios(rounds, by_cell[(base, conc)])
+        summary[variant][conc] = entry
+    return dict(summary)
+
+
+def paired_ratios(
+    rounds: dict[int, dict[str, Any]], base: dict[int, dict[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """Per-round ratios variant / baseline of ops/s and CPU per op, as median (min-max)."""
+    shared = sorted(set(rounds) & set(base))
+    return {
+        metric: spread([rounds[r][metric] / base[r][metric] for r in shared])
+        for metric in ("ops_s", "cpu_us_op")
+    }
+
+
+def summarise_rounds(raw: list[dict[str, Any]], metrics: Iterable[str]) -> dict[str, Any]:
+    """``{variant: {metric: median (min-max)}}`` over rounds (overload, reject)."""
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for cell in raw:
+        grouped[cell["variant"]].append(cell)
+    names = list(metrics)
+    return {
+        variant: {m: spread([float(c[m]) for c in cells]) for m in names} | {"rounds": len(cells)}
+        for variant, cells in grouped.items()
+    }
+
+
+def verdicts(
+    throughput: dict[str, Any], overload: dict[str, Any], reject: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Each target of issue #8 with the measured value and whether it was reached."""
+    out: list[dict[str, Any]] = []
+    for variant, base, metric, goal, kind, label in TARGETS:
+        ratio = throughput.get(variant, {}).get(10, {}).get(f"vs_{base}", {}).get(metric)
+        if ratio is None:
+            continue
+        med, low, high = ratio["median"], ratio["min"], ratio["max"]
+        met = med >= goal if kind == "min" else med <= goal
+        # The per-round range straddling the goal means one run cannot settle it.
+        sure = (
+            (low >= goal if kind == "min" else high <= goal)
+            if met
+            else (high < goal if kind == "min" else low > goal)
+        )
+        out.append(
+            {
+                "target": label,
+                "goal": f"{'>=' if kind == 'min' else '<='} {goal:.2f}x",
+                "measured": f"{med:.3f}x ({low:.2f}-{high:.2f})",
+                "met": met,
+                "verdict": ("met" if met else "NOT met") + ("" if sure else " (within noise)"),
+            }
+        )
+    ap, apg = overload.get("ap_default"), overload.get("asyncpg")
+    if ap and apg:
+        timeouts = ap["timeouts"]["median"]
+        p99, base_p99 = ap["wait_p99_ms"]["median"], apg["wait_p99_ms"]["median"]
+        out.append(
+            {
+                "target": "overload: asyncpool timeouts (per window)",
+                "goal": "0",
+                "measured": f"{timeouts:.0f} (max {ap['timeouts']['max']:.0f})",
+                "met": ap["timeouts"]["max"] == 0,
+                "verdict": "met" if ap["timeouts"]["max"] == 0 else "NOT met",
+            }
+        )
+        out.append(
+            {
+                "target": "overload: asyncpool p99 checkout wait vs asyncpg pool's",
+                "goal": f"<= {base_p99:.0f} ms",
+                "measured": f"{p99:.0f} ms",
+                "met": p99 <= base_p99,
+                "verdict": "met" if p99 <= base_p99 else "NOT met",
+            }
+        )
+    rej = reject.get("ap_default")
+    if rej:
+        p99 = rej["reject_p99_ms"]["median"]
+        out.append(
+            {
+                "target": "max_waiting rejection latency p99 under a 10x spike (telemetry on)",
+                "goal": "< 1 ms",
+                "measured": f"{p99:.3f} ms (max of rounds {rej['reject_p99_ms']['max']:.3f})",
+                "met": p99 < 1.0,
+                "verdict": "met" if p99 < 1.0 else "NOT met",
+            }
+        )
+    return out
+
+
+# ------------------------------------------------------------------ Markdown
+
+
+def _fmt(value: float, digits: int = 0) -> str:
+    if not math.isfinite(value):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _span(s: dict[str, float], digits: int = 0) -> str:
+    return f"{_fmt(s['median'], digits)} ({_fmt(s['min'], digits)}-{_fmt(s['max'], digits)})"
+
+
+def _ratio(entry: dict[str, Any], base: str, metric: str) -> str:
+    ratio = entry.get(f"vs_{base}")
+    if ratio is None:
+        return "-"
+    s = ratio[metric]
+    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The run as a RESULTS.md section."""
+    meta, settings = result["meta"], result["settings"]
+    lines = [
+        f"## {meta['started']} - {settings['mode']} run ({meta['duration_s']:.0f} s)",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    for key in (
+        "machine",
+        "python",
+        "sqlalchemy",
+        "asyncpg",
+        "greenlet",
+        "opentelemetry",
+        "postgresql",
+        "database",
+        "asyncpool",
+        "telemetry",
+        "load",
+    ):
+        lines.append(f"| {key} | {meta.get(key, '-')} |")
+    lines += [
+        "",
+        f"Throughput: pool {settings['pool_size']} (no overflow), `SELECT 1` per checkout, "
+        f"{settings['rounds']} interleaved rounds, {settings['warmup']} s warm-up + "
+        f"{settings['window']} s window per cell. Values: median (min-max) over rounds; "
+        "ratios: median (min-max) of per-round paired ratios. CPU = client process CPU "
+        "time / ops.",
+        "",
+    ]
+    throughput = result["throughput"]["summary"]
+    labels = result["labels"]
+    for conc in settings["concurrency"]:
+        lines += [
+            f"**Concurrency {conc}**",
+            "",
+            "| variant | ops/s | CPU us/op | x SA ops/s | x SA CPU | x asyncpg ops/s | "
+            "x asyncpg CPU |",
+            "|---|--:|--:|--:|--:|--:|--:|",
+        ]
+        for variant in settings["variants"]:
+            entry = throughput.get(variant, {}).get(conc) or throughput.get(variant, {}).get(
+                str(conc)
+            )
+            if not entry:
+                continue
+            lines.append(
+                f"| {labels.get(variant, variant)} | {_span(entry['ops_s'])} | "
+                f"{_span(entry['cpu_us_op'], 1)} | {_ratio(entry, 'sa', 'ops_s')} | "
+                f"{_ratio(entry, 'sa', 'cpu_us_op')} | {_ratio(entry, 'asyncpg', 'ops_s')} | "
+                f"{_ratio(entry, 'asyncpg', 'cpu_us_op')} |"
+            )
+        lines.append("")
+    cost_rows = []
+    for variant, base, label in TELEMETRY_COSTS:
+        cells = []
+        for conc in settings["concurrency"]:
+            entry = throughput.get(variant, {}).get(conc, {})
+            ratio = entry.get(f"vs_{base}")
+            if ratio is None:
+                cells.append("-")
+                continue
+            cpu, ops = ratio["cpu_us_op"], ratio["ops_s"]
+            cells.append(
+                f"{100 * (cpu['median'] - 1):+.1f}% ({100 * (cpu['min'] - 1):+.0f}..."
+                f"{100 * (cpu['max'] - 1):+.0f}) / {100 * (ops['median'] - 1):+.1f}%"
+            )
+        if any(c != "-" for c in cells):
+            cost_rows.append(f"| {label} vs telemetry off | " + " | ".join(cells) + " |")
+    if cost_rows:
+        header = " | ".join(f"c{c}: CPU/op (range) / ops/s" for c in settings["concurrency"])
+        lines += [
+            "**What telemetry and the pre-ping cost** (against asyncpool with telemetry off)",
+            "",
+            f"| comparison | {header} |",
+            "|---|" + "--:|" * len(settings["concurrency"]),
+            *cost_rows,
+            "",
+        ]
+    overload = result.get("overload", {}).get("summary")
+    if overload:
+        o = result["settings"]["overload"]
+        lines += [
+            f"**Overload** (pool {o['pool_size']} + {o['max_overflow']} overflow, timeout "
+            f"{o['timeout']:g} s, {o['tasks']} tasks looping checkout / "
+            f"`pg_sleep({o['hold']:g})` / release; {o['rounds']} rounds, {o['window']} s "
+            "window): median (min-max) over rounds",
+            "",
+            "| pool | ops/s | wait p50 ms | p95 ms | p99 ms | max ms | timeouts / window "
+            "| CPU us/op |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for variant in o["variants"]:
+            s = overload.get(variant)
+            if not s:
+                continue
+            lines.append(
+                f"| {o['labels'][variant]} | {_span(s['ops_s'])} | {_span(s['wait_p50_ms'], 1)} "
+                f"| {_span(s['wait_p95_ms'], 1)} | {_span(s['wait_p99_ms'], 1)} | "
+                f"{_span(s['wait_max_ms'])} | {_span(s['timeouts'])} | {_span(s['cpu_us_op'])} |"
+            )
+        lines.append("")
+    reject = result.get("reject", {}).get("summary")
+    if reject:
+        r = result["settings"]["reject"]
+        lines += [
+            f"**Rejection by `max_waiting`** (pool {r['pool_size']}, max_waiting "
+            f"{r['max_waiting']}, kept busy by {r['pool_size']} looping tasks; {r['spikes']} "
+            f"spikes of {r['spike']} callers at once per round, {r['rounds']} rounds): "
+            "median (min-max) over rounds",
+            "",
+            "| variant | rejected | served | timeouts | reject p50 ms | reject p99 ms | "
+            "reject max ms | answered p99 ms (from spike start) |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for variant, s in reject.items():
+            lines.append(
+                f"| {labels.get(variant, variant)} | {_span(s['rejected'])} | "
+                f"{_span(s['served'])} | {_span(s['timeouts'])} | "
+                f"{_span(s['reject_p50_ms'], 3)} | {_span(s['reject_p99_ms'], 3)} | "
+                f"{_span(s['reject_max_ms'], 3)} | {_span(s['answered_p99_ms'], 2)} |"
+            )
+        lines.append("")
+    soak = result.get("soak")
+    if soak:
+        lines += [f"**Memory soak** (benchmarks/soak.py, issue #5): {soak}", ""]
+    if result.get("targets"):
+        lines += [
+            "**Targets (issue #8)**",
+            "",
+            "| target | goal | measured | verdict |",
+            "|---|---|---|---|",
+        ]
+        for t in result["targets"]:
+            lines.append(f"| {t['target']} | {t['goal']} | {t['measured']} | {t['verdict']} |")
+        lines.append("")
+    for note in result.get("notes", []):
+        lines.append(f"- {note}")
+    if result.get("notes"):
+        lines.append("")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,127 @@
+"""One benchmark worker process: one variant, driven over stdin/stdout.
+
+``run.py`` starts one worker per variant and sends each, in turn, one JSON
+command per line (``throughput``, ``overload``, ``reject``, ``info``,
+``quit``); the worker answers one JSON line. Only one worker runs a cell at a
+time (the others block reading stdin), so variants are interleaved without
+competing for the CPU, and each keeps its own OpenTelemetry globals.
+
+    python -m benchmarks._worker --variant ap_default --dsn postgresql://...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import traceback
+from typing import Any, TextIO
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--dsn", required=True, help="postgresql:// DSN (asyncpg form)")
+    args = parser.parse_args()
+
+    from . import variants
+
+    variant = variants.VARIANTS[args.variant]
+    # Set up OpenTelemetry before asyncpool or SQLAlchemy is imported.
+    from . import _otel_env
+
+    telemetry = _otel_env.setup(variant.env)
+
+    protocol: TextIO = sys.stdout
+    sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
+    dsn = args.dsn
+    target = {"dsn": dsn, "url": dsn.replace("postgresql://", "postgresql+asyncpg://", 1)}
+
+    for line in sys.stdin:
+        command: dict[str, Any] = json.loads(line)
+        name = command.pop("cmd")
+        if name == "quit":
+            break
+        try:
+            result = _dispatch(name, command, variant, target, telemetry)
+            reply: dict[str, Any] = {"ok": True, "result": result}
+        except Exception:
+            reply = {"ok": False, "error": traceback.format_exc()}
+        protocol.write(json.dumps(reply) + "\n")
+        protocol.flush()
+
+
+def _dispatch(
+    name: str, command: dict[str, Any], variant: Any, target: dict[str, str], telemetry: Any
+) -> Any:
+    from . import variants
+
+    harvest = telemetry.harvest if telemetry.metric_reader is not None else None
+    if name == "info":
+        return _info(variant, telemetry)
+    if name == "throughput":
+        return asyncio.run(
+            variants.throughput_cell(
+                variant,
+                target,
+                command["concurrency"],
+                command["warmup"],
+                command["window"],
+                harvest,
+                checkout_only=command.get("checkout_only", False),
+            )
+        )
+    if name == "overload":
+        from .overload import overload_cell
+
+        return asyncio.run(overload_cell(variant, target, command["warmup"], command["window"]))
+    if name == "reject":
+        from .reject import reject_cell
+
+        return asyncio.run(reject_cell(variant, target, command["spikes"], command["gap"]))
+    if name == "profile":
+        from .hotpath import profile_cell
+
+        return asyncio.run(profile_cell(variant, target, command["window"]))
+    if name == "observer_micro":
+        from .hotpath import observer_micro
+
+        return asyncio.run(observer_micro(variant, target, command["calls"]))
+    raise ValueError(f"unknown command {name!r}")
+
+
+def _info(variant: Any, telemetry: Any) -> dict[str, Any]:
+    from importlib import metadata
+
+    from . import variants
+
+    versions = {}
+    for dist in (
+        "sqlalchemy",
+        "asyncpg",
+        "greenlet",
+        "opentelemetry-api",
+        "opentelemetry-sdk",
+    ):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "-"
+    info: dict[str, Any] = {
+        "variant": variant.name,
+        "label": variant.label,
+        "versions": versions,
+        "telemetry": telemetry.describe(),
+    }
+    if variant.kind == "asyncpool":
+        import asyncpool
+
+        info["asyncpool_file"] = asyncpool.__file__
+        info["telemetry_supported"] = variants.telemetry_supported()
+        info["options"] = variants.asyncpool_options(variant)
+    return info
+
+
+if __name__ == "__main__":
+    main()

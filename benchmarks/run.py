@@ -1,0 +1,450 @@
+"""Run every asyncpool benchmark: one command, one JSON file, one RESULTS.md section.
+
+    python benchmarks/run.py            # full run, embedded PostgreSQL (~6 min)
+    python benchmarks/run.py --quick    # a fast sanity run (~1 min), not recorded
+    python benchmarks/run.py --url postgresql://user@host:5432/db
+
+Each variant runs in its own worker process (``_worker.py``) so that
+OpenTelemetry's global providers never leak from one variant to another;
+the workers take turns, one cell at a time, in rounds (A B C, B C A, ...),
+so every variant sees the same machine conditions. The embedded server is
+reached over its Unix socket, as in shared/research/perf.md.
+
+Output: ``benchmarks/results/<time>.json`` (raw cells and summaries), a
+table on stdout, and for full runs (or ``--record``) a section appended to
+``benchmarks/RESULTS.md`` and ``benchmarks/latest.json`` rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, Final
+
+HERE: Final = Path(__file__).resolve().parent
+ROOT: Final = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the checkout's asyncpool, not an installed one
+
+from benchmarks import _report  # noqa: E402
+from benchmarks.overload import (  # noqa: E402
+    HOLD,
+    MAX_OVERFLOW,
+    OVERLOAD_VARIANTS,
+    TASKS,
+    TIMEOUT,
+)
+from benchmarks.reject import MAX_WAITING, REJECT_VARIANTS, SPIKE  # noqa: E402
+from benchmarks.variants import BASELINES, POOL_SIZE, VARIANTS  # noqa: E402
+
+#: Settings of a full run (about 6 minutes on 2 cores) and of --quick (about 1).
+FULL: Final = {
+    "rounds": 7,
+    "warmup": 0.3,
+    "window": 1.0,
+    "overload_rounds": 3,
+    "overload_warmup": 0.5,
+    "overload_window": 5.0,
+    "reject_rounds": 3,
+    "spikes": 20,
+}
+QUICK: Final = {
+    "rounds": 2,
+    "warmup": 0.1,
+    "window": 0.3,
+    "overload_rounds": 1,
+    "overload_warmup": 0.3,
+    "overload_window": 1.5,
+    "reject_rounds": 1,
+    "spikes": 5,
+}
+SPIKE_GAP: Final = 0.1
+SOAK: Final = HERE / "soak.py"
+
+
+class Worker:
+    """A ``_worker.py`` process for one variant; ``ask()`` sends a command, waits for its reply."""
+
+    def __init__(self, variant: str, dsn: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        self.variant = variant
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks._worker", "--variant", variant, "--dsn", dsn],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def ask(self, cmd: str, **args: Any) -> Any:
+        stdin: IO[str] | None = self.process.stdin
+        stdout: IO[str] | None = self.process.stdout
+        assert stdin is not None and stdout is not None
+        stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        stdin.flush()
+        line = stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.variant} exited ({self.process.wait()})")
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise RuntimeError(f"worker {self.variant} failed on {cmd}:\n{reply['error']}")
+        return reply["result"]
+
+    def close(self) -> None:
+        if self.process.poll() is None and self.process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.write('{"cmd": "quit"}\n')
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextlib.contextmanager
+def database(url: str | None) -> Iterator[tuple[str, str]]:
+    """(asyncpg DSN, description): ``url`` as given, else an embedded server's Unix socket."""
+    if url:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url).set(drivername="postgresql")
+        yield (
+            parsed.render_as_string(hide_password=False),
+            parsed.render_as_string(hide_password=True),
+        )
+        return
+    from asyncpool.embedded import EmbeddedPostgres
+
+    print("starting an embedded PostgreSQL ...", flush=True)
+    with EmbeddedPostgres() as server:
+        dsn = f"postgresql://postgres@/postgres?host={server.socket_dir}&port={server.port}"
+        yield dsn, "embedded (asyncpool.embedded), Unix socket"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", help="PostgreSQL URL (default: an embedded server)")
+    parser.add_argument("--quick", action="store_true", help="a fast sanity run, not recorded")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds of the throughput cells")
+    parser.add_argument("--window", type=float, help="seconds measured per throughput cell")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 10, 50], help="concurrent tasks"
+    )
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--skip", nargs="+", default=[], choices=["throughput", "overload", "reject"]
+    )
+    parser.add_argument("--soak", action="store_true", help="also run benchmarks/soak.py (#5)")
+    parser.add_argument("--record", action="store_true", help="append to RESULTS.md even if quick")
+    parser.add_argument(
+        "--no-record", action="store_true", help="do not touch RESULTS.md / latest.json"
+    )
+    args = parser.parse_args()
+
+    plan = dict(QUICK if args.quick else FULL)
+    if args.rounds:
+        plan["rounds"] = args.rounds
+    if args.window:
+        plan["window"] = args.window
+    record = (args.record or not args.quick) and not args.no_record
+
+    started = time.time()
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
+    with database(args.url) as (dsn, db_description):
+        result = run(args, plan, dsn, db_description)
+    result["meta"]["duration_s"] = time.time() - started
+    result["meta"]["load"] += f" -> end {_loadavg()}"
+
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    path = out_dir / f"{stamp}{'-quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    text = _report.markdown(result)
+    print("\n" + text)
+    print(f"raw results: {path.relative_to(ROOT)}")
+    if record:
+        with open(HERE / "RESULTS.md", "a") as f:
+            f.write("\n" + text)
+        (HERE / "latest.json").write_text(json.dumps(result, indent=1, default=str))
+        print("appended to benchmarks/RESULTS.md; wrote benchmarks/latest.json")
+
+
+def run(args: argparse.Namespace, plan: dict[str, Any], dsn: str, db: str) -> dict[str, Any]:
+    variants = [v for v in VARIANTS if v in args.variants]
+    needed = set(variants) if "throughput" not in args.skip else set()
+    if "overload" not in args.skip:
+        needed |= set(OVERLOAD_VARIANTS)
+    if "reject" not in args.skip:
+        needed |= set(REJECT_VARIANTS)
+    meta = _meta(dsn, db)
+    workers = {v: Worker(v, dsn) for v in VARIANTS if v in needed}
+    try:
+        infos = {v: w.ask("info") for v, w in workers.items()}
+        meta.update(_versions(infos))
+        notes = _notes(infos)
+        for note in notes:
+            print("note:", note, flush=True)
+        result: dict[str, Any] = {
+            "meta": meta,
+            "settings": {
+                "mode": "quick" if args.quick else "full",
+                "pool_size": POOL_SIZE,
+                "concurrency": args.concurrency,
+                "variants": variants,
+                **plan,
+            },
+            "labels": {v: VARIANTS[v].label for v in VARIANTS},
+            "workers": infos,
+            "notes": notes,
+        }
+        throughput: dict[str, Any] = {"summary": {}}
+        if "throughput" not in args.skip:
+            raw = throughput_rounds(workers, variants, args.concurrency, plan)
+            throughput = {"raw": raw, "summary": _report.summarise_throughput(raw, BASELINES)}
+        result["throughput"] = throughput
+        overload: dict[str, Any] = {"summary": {}}
+        if "overload" not in args.skip:
+            overload = overload_rounds(workers, plan)
+            result["settings"]["overload"] = {
+                "pool_size": POOL_SIZE,
+                "max_overflow": MAX_OVERFLOW,
+                "timeout": TIMEOUT,
+                "tasks": TASKS,
+                "hold": HOLD,
+                "rounds": plan["overload_rounds"],
+                "window": plan["overload_window"],
+                "variants": list(OVERLOAD_VARIANTS),
+                "labels": {
+                    "sa": "SQLAlchemy AsyncAdaptedQueuePool",
+                    "asyncpg": "asyncpg pool (max_size 30)",
+                    "ap_default": "asyncpool (defaults, telemetry on)",
+                },
+            }
+        result["overload"] = overload
+        reject: dict[str, Any] = {"summary": {}}
+        if "reject" not in args.skip:
+            reject = reject_rounds(workers, plan)
+            result["settings"]["reject"] = {
+                "pool_size": POOL_SIZE,
+                "max_waiting": MAX_WAITING,
+                "spike": SPIKE,
+                "spikes": plan["spikes"],
+                "rounds": plan["reject_rounds"],
+            }
+        result["reject"] = reject
+    finally:
+        for worker in workers.values():
+            worker.close()
+    if args.soak:
+        result["soak"] = run_soak(dsn)
+    result["targets"] = _report.verdicts(
+        result["throughput"]["summary"], overload["summary"], reject["summary"]
+    )
+    return result
+
+
+def throughput_rounds(
+    workers: dict[str, Worker], variants: list[str], concurrency: list[int], plan: dict[str, Any]
+) -> list[dict[str, Any]]:
+    raw: list[dict[str, Any]] = []
+    rounds = plan["rounds"]
+    for r in range(rounds):
+        for conc in concurrency:
+            shift = r % len(variants)
+            order = variants[shift:] + variants[:shift]
+            line = []
+            for variant in order:
+                cell = workers[variant].ask(
+                    "throughput",
+                    concurrency=conc,
+                    warmup=plan["warmup"],
+                    window=plan["window"],
+                )
+                raw.append({"variant": variant, "concurrency": conc, "round": r, **cell})
+                line.append(f"{variant} {cell['ops_s']:,.0f}/s {cell['cpu_us_op']:.0f}us")
+            print(f"round {r + 1}/{rounds} c{conc}: " + " | ".join(line), flush=True)
+    return raw
+
+
+def overload_rounds(workers: dict[str, Worker], plan: dict[str, Any]) -> dict[str, Any]:
+    raw: list[dict[str, Any]] = []
+    variants = list(OVERLOAD_VARIANTS)
+    for r in range(plan["overload_rounds"]):
+        order = variants[r % 3 :] + variants[: r % 3]
+        for variant in order:
+            cell = workers[variant].ask(
+                "overload", warmup=plan["overload_warmup"], window=plan["overload_window"]
+            )
+            raw.append({"variant": variant, "round": r, **cell})
+            print(
+                f"overload round {r + 1}: {variant}: {cell['ops_s']:,.0f} ops/s, wait p99 "
+                f"{cell['wait_p99_ms']:.0f} ms, {cell['timeouts']} timeouts",
+                flush=True,
+            )
+    metrics = (
+        "ops_s",
+        "timeouts",
+        "wait_p50_ms",
+        "wait_p95_ms",
+        "wait_p99_ms",
+        "wait_max_ms",
+        "cpu_us_op",
+    )
+    return {"raw": raw, "summary": _report.summarise_rounds(raw, metrics)}
+
+
+def reject_rounds(workers: dict[str, Worker], plan: dict[str, Any]) -> dict[str, Any]:
+    raw: list[dict[str, Any]] = []
+    variants = list(REJECT_VARIANTS)
+    for r in range(plan["reject_rounds"]):
+        order = variants[r % 2 :] + variants[: r % 2]
+        for variant in order:
+            cell = workers[variant].ask("reject", spikes=plan["spikes"], gap=SPIKE_GAP)
+            raw.append({"variant": variant, "round": r, **cell})
+            print(
+                f"reject round {r + 1}: {variant}: {cell['rejected']} rejected, p99 "
+                f"{cell['reject_p99_ms']:.3f} ms, max {cell['reject_max_ms']:.3f} ms",
+                flush=True,
+            )
+    metrics = (
+        "rejected",
+        "served",
+        "timeouts",
+        "reject_p50_ms",
+        "reject_p99_ms",
+        "reject_max_ms",
+        "answered_p99_ms",
+    )
+    return {"raw": raw, "summary": _report.summarise_rounds(raw, metrics)}
+
+
+def run_soak(dsn: str) -> str:
+    """Run the memory soak of issue #5 if it exists; its last output line is the figure."""
+    if not SOAK.exists():
+        return "benchmarks/soak.py not present yet"
+    url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+    proc = subprocess.run(
+        [sys.executable, str(SOAK), "--url", url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    if proc.returncode != 0 or not lines:
+        return f"soak.py failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"
+    return lines[-1]
+
+
+# --------------------------------------------------------------- environment
+
+
+def _meta(dsn: str, db: str) -> dict[str, Any]:
+    return {
+        "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "postgresql": asyncio.run(_server_version(dsn)),
+        "database": db,
+        "asyncpool": _git_describe(),
+        "load": f"loadavg start {_loadavg()}",
+    }
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory = ""
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        kib = int(f.readline().split()[1])
+        memory = f", {kib / 2**20:.0f} GiB"
+    return f"{os.cpu_count()} x {model}{memory}, {platform.system()} {platform.release()}"
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "-"
+
+
+async def _server_version(dsn: str) -> str:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return str(await conn.fetchval("SHOW server_version"))
+    finally:
+        await conn.close()
+
+
+def _git_describe() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "asyncpool"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}{' + uncommitted changes in asyncpool/' if dirty else ''}"
+
+
+def _versions(infos: dict[str, Any]) -> dict[str, str]:
+    versions = next(iter(infos.values()))["versions"]
+    return {
+        "sqlalchemy": versions["sqlalchemy"],
+        "asyncpg": versions["asyncpg"],
+        "greenlet": versions["greenlet"],
+        "opentelemetry": (
+            f"api {versions['opentelemetry-api']}, sdk {versions['opentelemetry-sdk']}"
+        ),
+        "telemetry": "; ".join(
+            f"{v}: {i['telemetry']['meter_provider']}"
+            for v, i in infos.items()
+            if VARIANTS[v].kind == "asyncpool"
+        ),
+    }
+
+
+def _notes(infos: dict[str, Any]) -> list[str]:
+    notes = []
+    if any(i.get("telemetry_supported") is False for i in infos.values()):
+        notes.append(
+            "asyncpool has no telemetry yet (issue #4 not merged): the telemetry variants "
+            "(ap_default, ap_noop) measure asyncpool WITHOUT telemetry; telemetry=False is "
+            "not passed."
+        )
+    return notes
+
+
+if __name__ == "__main__":
+    main()
