@@ -30,6 +30,9 @@ _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 _NONE: Final = frozenset({"", "none", "null"})
 
+#: Poolers ``PoolConfig.pooler`` knows how to work behind.
+POOLERS: Final = ("pgbouncer",)
+
 
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
@@ -73,6 +76,9 @@ class PoolConfig:
     application_name: str | None = None
     #: Connections opened when the pool is warmed at start-up; ``None`` = ``pool_size``.
     min_idle: int | None = None
+    #: What sits between the pool and PostgreSQL: ``None`` (nothing) or
+    #: ``"pgbouncer"`` (transaction pooling: prepared statements made safe).
+    pooler: str | None = None
 
     def __post_init__(self) -> None:
         _check_name("name", self.name, optional=True)
@@ -91,6 +97,8 @@ class PoolConfig:
         _check_name("application_name", self.application_name, optional=True)
         if self.min_idle is not None:
             _check_int("min_idle", self.min_idle, low=0, high=self.pool_size, high_name="pool_size")
+        if self.pooler is not None and self.pooler not in POOLERS:
+            raise ConfigurationError("pooler", self.pooler, f"None or one of {', '.join(POOLERS)}")
 
     @property
     def max_size(self) -> int:
@@ -167,6 +175,7 @@ _FIELD_KINDS: Final[dict[str, tuple[str, bool]]] = {
     "leak_threshold": ("float", True),
     "application_name": ("str", True),
     "min_idle": ("int", True),
+    "pooler": ("str", True),
 }
 
 
