@@ -29,6 +29,7 @@ CASES: dict[str, tuple[list[object], object]] = {
     "leak_threshold": ([0, -5, math.inf], 5.0),
     "application_name": (["", "y" * 64, "ünïcode"], "billing-api"),
     "min_idle": ([-1, 11, 1.5], 0),
+    "pooler": (["pgpool", "", "PgBouncer", 5], "pgbouncer"),
 }
 
 
