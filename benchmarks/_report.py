@@ -56,6 +56,7 @@ TARGETS: Final = (
 TELEMETRY_COSTS: Final = (
     ("ap_default", "ap_notel", "telemetry on, SDK + in-memory readers"),
     ("ap_noop", "ap_notel", "telemetry on, no SDK (no-op API)"),
+    ("ap_unset", "ap_notel", "telemetry on, SDK importable, no provider set"),
     ("ap_ping_always", "ap_notel", "pre-ping on every checkout (skip window 0)"),
 )
 

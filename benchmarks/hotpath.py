@@ -180,7 +180,7 @@ def _ns_per_call(call: Any, calls: int) -> float:
 
 # ------------------------------------------------------------------ driver
 
-VARIANTS_PROFILED: Final = ("sa", "ap_notel", "ap_noop", "ap_default")
+VARIANTS_PROFILED: Final = ("sa", "ap_notel", "ap_noop", "ap_unset", "ap_default")
 
 
 def main() -> None:

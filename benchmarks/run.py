@@ -64,7 +64,7 @@ QUICK: Final = {
     "window": 0.3,
     "overload_rounds": 1,
     "overload_warmup": 0.3,
-    "overload_window": 1.5,
+    "overload_window": 2.5,
     "reject_rounds": 1,
     "spikes": 5,
 }

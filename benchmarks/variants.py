@@ -69,6 +69,12 @@ VARIANTS: Final[dict[str, Variant]] = {
             "asyncpool",
         ),
         Variant(
+            "ap_unset",
+            "asyncpool defaults, SDK importable but no provider set (waits for one)",
+            "plain",
+            "asyncpool",
+        ),
+        Variant(
             "ap_ping_always",
             "asyncpool, telemetry=False, pre-ping on every checkout (skip window 0)",
             "plain",
