@@ -11,6 +11,8 @@ from .errors import PoolClosedError as PoolClosedError
 from .errors import PoolOverloadedError as PoolOverloadedError
 from .errors import PoolTimeoutError as PoolTimeoutError
 from .errors import WrongEventLoopError as WrongEventLoopError
+from .fork import register_engine as register_engine
+from .lifespan import pool_lifespan as pool_lifespan
 from .stats import PoolStatistics as PoolStatistics
 from .stats import statistics as statistics
 
@@ -28,5 +30,7 @@ __all__ = [
     "WrongEventLoopError",
     "__version__",
     "create_pooled_engine",
+    "pool_lifespan",
+    "register_engine",
     "statistics",
 ]

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import socket
 import time
 import traceback
@@ -222,6 +223,10 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         self._foreign_connections_possible = False
         self._checkout_started: dict[ConnectionPoolEntry, float] = {}
         self._leak_timers: dict[ConnectionPoolEntry, asyncio.TimerHandle] = {}
+        # Lent-out records, so a drain can terminate stragglers and a forked
+        # child can let go of every inherited connection.
+        self._lent: set[ConnectionPoolEntry] = set()
+        self._returned: asyncio.Event | None = None
         if first:
             # Listeners follow the pool into recreate() through _dispatch, so
             # register once, on the first pool of the engine.
@@ -293,6 +298,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             ping_error = self._maybe_ping(rec)
         counters = self._counters
         counters.checkouts += 1
+        self._lent.add(rec)
         if self._state.observers or self._leak_threshold is not None:
             self._track_checkout(rec, started, waited, ping_error)
         return rec
@@ -432,6 +438,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
     # ------------------------------------------------------------------ checkin
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        self._lent.discard(record)
         if self._checkout_started:
             started = self._checkout_started.pop(record, None)
             if started is not None:
@@ -468,6 +475,8 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
                 waiter.set_result(_SLOT)
                 return
         self._overflow -= 1
+        if self._returned is not None and self.checkedout() <= 0:
+            self._returned.set()
 
     def _dec_overflow(self) -> Any:
         self._release_slot()
@@ -523,6 +532,47 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             self._idle.popleft().close()
         self._overflow = 0 - self.size()
         self.logger.info("Pool disposed. %s", self.status())
+
+    # ---------------------------------------------------------------- shutdown
+
+    def all_returned(self) -> asyncio.Event:
+        """An event set once no connection is lent out (a drain waits on it).
+
+        Only set by a slot coming free, which is what every give-back does
+        while the pool is closed (``PoolState.closed``).
+        """
+        if self._returned is None:
+            self._returned = asyncio.Event()
+        if self.checkedout() <= 0:
+            self._returned.set()
+        return self._returned
+
+    def terminate_lent(self, reason: BaseException, *, idle: bool = False) -> int:
+        """Abort every connection still lent out (and the idle ones if ``idle``).
+
+        No round trip (drain stragglers, an interrupted dispose). A holder's
+        next database call fails; its give-back then frees the slot.
+        """
+        terminated = 0
+        for rec in [*self._lent, *(self._idle if idle else ())]:
+            if rec.dbapi_connection is not None:
+                rec.invalidate(reason)
+                terminated += 1
+        return terminated
+
+    def drop_inherited(self) -> int:
+        """In a forked child: let go of every connection, idle or lent, without any I/O.
+
+        The parent still talks on these sockets, so the child must neither
+        write to them nor shut them down nor touch the parent's event loop.
+        """
+        dropped = 0
+        for rec in [*self._idle, *self._lent]:
+            dbapi_connection = rec.dbapi_connection
+            if dbapi_connection is not None:
+                _drop_without_io(dbapi_connection.driver_connection)
+                dropped += 1
+        return dropped
 
     # ------------------------------------------------------------- event loops
 
@@ -639,6 +689,28 @@ def _abandon(driver: Any) -> None:
             transport._call_connection_lost(None)
         except Exception:
             logger.debug("closing a dead loop's transport failed", exc_info=True)
+
+
+def _drop_without_io(driver: Any) -> None:
+    """Make an inherited asyncpg connection inert in a forked child.
+
+    Marked aborted, asyncpg's ``terminate()`` and ``__del__`` leave it alone;
+    the child's copy of the socket is pointed at /dev/null (not closed, so a
+    later close by its transport cannot hit a reused descriptor), which lets
+    the server see the connection end once the parent closes its own copy.
+    No shutdown(): that would cut the parent's connection too.
+    """
+    driver._aborted = True
+    transport = getattr(driver, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    fd = sock.fileno() if sock is not None else -1
+    if fd < 0:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def _caller_stack() -> str:

@@ -1,0 +1,269 @@
+"""pool_lifespan(): pools that are warm before the first request and gone after the last.
+
+An ``@asynccontextmanager`` with no framework import, for any ASGI server,
+worker or script::
+
+    async with asyncpool.pool_lifespan(engine):
+        ...  # serve
+
+**Start.** Opens ``min_idle`` connections per engine (``PoolConfig.min_idle``,
+default ``pool_size``; HikariCP's ``minimumIdle``) before it yields. A database
+that cannot be reached within ``warm_timeout`` raises
+``DatabaseUnavailableError`` (host, port, database, the driver's reason): an
+app must not start half-alive. Errors that retrying cannot fix (a wrong
+password, a missing database) fail at once; refused or timed-out connections
+are retried until ``warm_timeout``, so a database that is still starting up is
+waited for.
+
+**Stop.** New checkouts fail with ``PoolClosedError``; connections still lent
+out get ``drain_timeout`` seconds to come back (each is closed as it returns);
+stragglers are then terminated (no round trip); finally every engine is
+disposed on the loop that owns it. Nothing is left for the garbage collector,
+so nothing is printed at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import sqlalchemy.exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ._classify import sqlstate_of
+from ._pool import FairAsyncPool
+from .engine import pool_of
+from .errors import AsyncPoolError, ConfigurationError, DatabaseUnavailableError
+
+__all__ = ["engines_of", "pool_lifespan"]
+
+logger = logging.getLogger("asyncpool.lifespan")
+
+#: Seconds to reach the database at start-up before giving up.
+DEFAULT_WARM_TIMEOUT: Final = 10.0
+#: Seconds lent-out connections get to come back at shutdown.
+DEFAULT_DRAIN_TIMEOUT: Final = 5.0
+
+#: SQLSTATE classes that no retry can fix: authorization (28: wrong password,
+#: no pg_hba entry), invalid catalog (3D: no such database), invalid
+#: parameter or configuration (22, 42, F0).
+_PERMANENT_SQLSTATE_CLASSES: Final = frozenset({"28", "3D", "22", "42", "F0"})
+
+#: Back-off between start-up connection attempts (seconds, doubled each time).
+_RETRY_FIRST: Final = 0.1
+_RETRY_MAX: Final = 1.0
+
+
+class DrainTimedOut(Exception):
+    """Why a straggler was terminated: it outlived ``drain_timeout`` at shutdown."""
+
+
+def engines_of(*items: Any) -> tuple[AsyncEngine, ...]:
+    """Flatten engines and engine groups (anything with an ``engines`` iterable).
+
+    Duplicates are dropped, first occurrence kept, so an engine listed twice
+    (alone and in a group) is warmed and disposed once.
+    """
+    found: dict[int, AsyncEngine] = {}
+    for item in items:
+        if isinstance(item, AsyncEngine):
+            found.setdefault(id(item), item)
+            continue
+        members = getattr(item, "engines", None)
+        if members is None or isinstance(members, str | bytes):
+            raise TypeError(
+                f"expected an AsyncEngine or an object with an 'engines' attribute, "
+                f"got {type(item).__name__}"
+            )
+        if isinstance(members, dict):
+            members = members.values()
+        for engine in engines_of(*members):
+            found.setdefault(id(engine), engine)
+    return tuple(found.values())
+
+
+@contextlib.asynccontextmanager
+async def pool_lifespan(
+    *engines: Any,
+    warm: bool = True,
+    warm_timeout: float = DEFAULT_WARM_TIMEOUT,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+) -> AsyncIterator[tuple[AsyncEngine, ...]]:
+    """Warm the pools of ``engines`` on entry; drain and dispose them on exit.
+
+    ``engines`` are engines from ``create_pooled_engine`` or objects with an
+    ``engines`` attribute (an ``EngineGroup``); yields the flat tuple of
+    engines. ``warm=False`` skips opening connections at start.
+    """
+    flat = engines_of(*engines)
+    pools = [pool_of(engine) for engine in flat]  # fails early for a foreign engine
+    if not warm_timeout > 0:
+        raise ConfigurationError("warm_timeout", warm_timeout, "a number of seconds > 0")
+    if not drain_timeout >= 0:
+        raise ConfigurationError("drain_timeout", drain_timeout, "a number of seconds >= 0")
+    for pool in pools:
+        pool.state.closed = False  # a lifespan entered again (tests, reload) reopens
+    if warm:
+        try:
+            await _warm_all(flat, warm_timeout)
+        except BaseException:
+            await _shutdown(flat, drain_timeout=0.0)
+            raise
+    try:
+        yield flat
+    finally:
+        await _shutdown(flat, drain_timeout=drain_timeout)
+
+
+# --------------------------------------------------------------------- start
+
+
+async def _warm_all(engines: tuple[AsyncEngine, ...], warm_timeout: float) -> None:
+    deadline = time.monotonic() + warm_timeout
+    try:
+        async with asyncio.TaskGroup() as group:
+            for engine in engines:
+                group.create_task(_warm(engine, deadline, warm_timeout))
+    except BaseExceptionGroup as failed:
+        # Report the first engine's failure as itself, not wrapped in a group.
+        first = failed.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from first.__cause__
+
+
+async def _warm(engine: AsyncEngine, deadline: float, warm_timeout: float) -> None:
+    """Check out ``min_idle`` connections at once, then give them all back."""
+    pool = pool_of(engine)
+    wanted = pool.state.config.effective_min_idle
+    if wanted == 0:
+        return
+    held: list[AsyncConnection] = []
+    tasks: list[asyncio.Task[AsyncConnection]] = []
+    try:
+        # One first, alone: it runs the dialect's first-connect initialisation.
+        held.append(await _connect(engine, deadline, warm_timeout))
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(_connect(engine, deadline, warm_timeout))
+                for _ in range(wanted - 1)
+            ]
+    except BaseExceptionGroup as failed:
+        first = failed.exceptions[0]
+        raise first from first.__cause__
+    finally:
+        held.extend(t.result() for t in tasks if _succeeded(t))
+        for conn in held:
+            await conn.close()
+    logger.info("pool %r: warm, %d connections open", pool.name, wanted)
+
+
+async def _connect(engine: AsyncEngine, deadline: float, warm_timeout: float) -> AsyncConnection:
+    """Check out one connection, retrying transient failures until ``deadline``."""
+    delay = _RETRY_FIRST
+    last_error: BaseException | None = None
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            async with asyncio.timeout(left):
+                conn = engine.connect()
+                await conn.start()
+                return conn
+        except TimeoutError:
+            pass  # the deadline, or connect_timeout with time left: try again
+        except (OSError, sqlalchemy.exc.DBAPIError) as exc:
+            if _is_permanent(exc):
+                raise _unavailable(engine, _driver_reason(exc)) from exc
+            last_error = exc
+        await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
+        delay = min(delay * 2, _RETRY_MAX)
+    reason = f"no connection within warm_timeout={warm_timeout:g} s"
+    if last_error is not None:
+        reason += f"; last error: {_driver_reason(last_error)}"
+    raise _unavailable(engine, reason) from last_error
+
+
+def _succeeded(task: asyncio.Task[AsyncConnection]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    code = sqlstate_of(exc)
+    return code is not None and code[:2] in _PERMANENT_SQLSTATE_CLASSES
+
+
+def _unavailable(engine: AsyncEngine, reason: str) -> DatabaseUnavailableError:
+    url = engine.url
+    if url.password:
+        reason = reason.replace(str(url.password), "***")
+    where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+    return DatabaseUnavailableError(
+        f"pool {pool_of(engine).name!r} cannot reach the database at {where} "
+        f"as user {url.username or '?'}: {reason}"
+    )
+
+
+def _driver_reason(exc: BaseException) -> str:
+    """The innermost driver error as ``Type: message`` (SQLAlchemy's wrapping removed)."""
+    driver: BaseException = exc
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, BaseException):
+        driver = orig
+    inner = getattr(driver, "__cause__", None)
+    if isinstance(inner, BaseException) and type(driver).__module__.startswith("sqlalchemy"):
+        driver = inner  # the asyncpg exception behind SQLAlchemy's adapted one
+    message = str(driver).strip().splitlines()[0] if str(driver).strip() else ""
+    return f"{type(driver).__name__}: {message}" if message else type(driver).__name__
+
+
+# ---------------------------------------------------------------------- stop
+
+
+async def _shutdown(engines: tuple[AsyncEngine, ...], *, drain_timeout: float) -> None:
+    pools = [pool_of(engine) for engine in engines]
+    for pool in pools:
+        pool.state.closed = True
+    cancelled: asyncio.CancelledError | None = None
+    try:
+        await _drain(pools, drain_timeout)
+    except asyncio.CancelledError as exc:
+        cancelled = exc  # still terminate and dispose below, then re-raise
+    for pool in pools:
+        stragglers = pool.terminate_lent(
+            DrainTimedOut(f"pool {pool.name!r}: still checked out after drain_timeout")
+        )
+        if stragglers:
+            logger.warning(
+                "pool %r: %d connections still checked out after drain_timeout=%g s; terminated",
+                pool.name,
+                stragglers,
+                drain_timeout,
+            )
+    for engine in engines:
+        try:
+            await engine.dispose()
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+            _abort_idle(pool_of(engine))
+        except (Exception, AsyncPoolError):
+            logger.exception("disposing %r failed", engine)
+    if cancelled is not None:
+        raise cancelled
+
+
+async def _drain(pools: list[FairAsyncPool], drain_timeout: float) -> None:
+    events = [pool.all_returned() for pool in pools if pool.checkedout() > 0]
+    if not events or drain_timeout <= 0:
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(drain_timeout):
+            for event in events:
+                await event.wait()
+
+
+def _abort_idle(pool: FairAsyncPool) -> None:
+    """Dispose was interrupted: drop what is left without awaiting anything."""
+    pool.terminate_lent(DrainTimedOut(f"pool {pool.name!r}: shutdown cancelled"), idle=True)

@@ -1,0 +1,197 @@
+"""pool_lifespan(): warm before serving, fail fast and clearly, drain and dispose on the way out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from asyncpool import DatabaseUnavailableError, PoolClosedError, pool_lifespan, statistics
+from asyncpool.embedded import free_port
+from asyncpool.engine import pool_of
+from tests.fix_db import EngineFactory, TestDatabase, wait_for_async, wait_until
+from tests.fix_lifespan import PASSWORD, PasswordServer
+
+
+@dataclass
+class Group:
+    """Stands in for asyncpool.EngineGroup: anything with an ``engines`` iterable."""
+
+    engines: list[AsyncEngine] = field(default_factory=list)
+
+
+async def backend_count(database: TestDatabase, app_name: str) -> int:
+    return len(await database.backends(app_name))
+
+
+async def test_pool_is_warm_to_min_idle_before_the_body_runs(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    engine = make_engine(pool_size=5, min_idle=3)
+    async with pool_lifespan(engine) as engines:
+        assert engines == (engine,)
+        stats = statistics(engine)
+        assert (stats.idle, stats.checked_out, stats.connects) == (3, 0, 3)
+        assert await backend_count(database, app_name) == 3
+    assert statistics(engine).size == 0
+
+
+async def test_min_idle_defaults_to_pool_size(make_engine: EngineFactory) -> None:
+    engine = make_engine(pool_size=4)
+    async with pool_lifespan(engine):
+        assert statistics(engine).idle == 4
+
+
+async def test_groups_are_flattened_and_each_engine_is_warmed_once(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    first = make_engine(name="first", pool_size=2)
+    second = make_engine(name="second", pool_size=1)
+    async with pool_lifespan(Group([first, second]), first) as engines:
+        assert engines == (first, second)
+        assert statistics(first).connects == 2
+        assert statistics(second).connects == 1
+    await wait_for_async(
+        lambda: _none_left(database, app_name), what="every backend to close", within=5
+    )
+
+
+async def _none_left(database: TestDatabase, app_name: str) -> bool:
+    return await backend_count(database, app_name) == 0
+
+
+async def test_closed_port_fails_start_up_within_warm_timeout_naming_host_port_database(
+    make_engine: EngineFactory,
+) -> None:
+    port = free_port()
+    engine = make_engine(f"postgresql+asyncpg://app:s3cret-pw@127.0.0.1:{port}/orders")
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        async with pool_lifespan(engine, warm_timeout=1.0):
+            pytest.fail("the body must not run")
+    elapsed = time.monotonic() - started
+    assert 0.9 < elapsed < 2.0
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}/orders" in message
+    assert "warm_timeout=1 s" in message
+    assert "ConnectionRefusedError" in message or "Connect call failed" in message
+    assert "s3cret-pw" not in message
+    assert isinstance(caught.value, ConnectionError)
+
+
+async def test_wrong_password_fails_start_up_at_once_with_the_server_reason(
+    make_engine: EngineFactory, password_database: PasswordServer
+) -> None:
+    engine = make_engine(password_database.url("wrong-pass-91x"))
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        async with pool_lifespan(engine, warm_timeout=3.0):
+            pytest.fail("the body must not run")
+    assert time.monotonic() - started < 3.0 + 1.0
+    message = str(caught.value)
+    assert f"127.0.0.1:{password_database.port}/postgres" in message
+    assert "password authentication failed" in message
+    assert "wrong-pass-91x" not in message
+    assert PASSWORD not in message
+    assert "wrong-pass-91x" not in repr(caught.value.__cause__)
+
+
+async def test_right_password_on_the_same_server_warms(
+    make_engine: EngineFactory, password_database: PasswordServer
+) -> None:
+    engine = make_engine(password_database.url(PASSWORD), pool_size=2)
+    async with pool_lifespan(engine, warm_timeout=3.0):
+        assert statistics(engine).idle == 2
+
+
+async def test_failed_start_up_closes_what_the_healthy_engines_opened(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    healthy = make_engine(name="healthy", pool_size=3)
+    down = make_engine(f"postgresql+asyncpg://app@127.0.0.1:{free_port()}/x", name="down")
+    with pytest.raises(DatabaseUnavailableError, match="'down'"):
+        async with pool_lifespan(healthy, down, warm_timeout=0.5):
+            pytest.fail("the body must not run")
+    assert statistics(healthy).size == 0
+    await wait_for_async(
+        lambda: _none_left(database, app_name), what="healthy's backends to close", within=5
+    )
+
+
+async def test_shutdown_refuses_new_checkouts_and_lets_in_flight_work_finish(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    engine = make_engine(pool_size=2)
+    release = asyncio.Event()
+    holding = asyncio.Event()
+
+    async def request() -> int:
+        async with engine.connect() as conn:
+            holding.set()
+            await release.wait()
+            return int((await conn.execute(text("SELECT 7"))).scalar_one())
+
+    lifespan = pool_lifespan(engine, drain_timeout=10.0)
+    await lifespan.__aenter__()
+    in_flight = asyncio.create_task(request())
+    await holding.wait()
+    stopping = asyncio.create_task(lifespan.__aexit__(None, None, None))
+    await wait_until(lambda: pool_of(engine).state.closed, what="shutdown to start")
+    with pytest.raises(PoolClosedError, match="is closed"):
+        async with engine.connect():
+            pass
+    assert not stopping.done()
+    release.set()
+    assert await in_flight == 7
+    await asyncio.wait_for(stopping, 5)
+    assert statistics(engine).size == 0
+    await wait_for_async(
+        lambda: _none_left(database, app_name), what="every backend to close", within=5
+    )
+
+
+async def test_stragglers_are_terminated_after_drain_timeout(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    engine = make_engine(pool_size=2)
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stuck_request() -> None:
+        async with engine.connect() as conn:
+            holding.set()
+            await release.wait()
+            await conn.execute(text("SELECT 1"))
+
+    task = asyncio.create_task(stuck_request())
+    async with pool_lifespan(engine, drain_timeout=0.3):
+        await holding.wait()
+        started = time.monotonic()
+    assert time.monotonic() - started < 2.0
+    await wait_for_async(
+        lambda: _none_left(database, app_name), what="the straggler's backend to end", within=5
+    )
+    release.set()
+    with pytest.raises(DBAPIError):
+        await task
+    assert statistics(engine).checked_out == 0
+
+
+async def test_lifespan_can_be_entered_again_after_it_ended(make_engine: EngineFactory) -> None:
+    engine = make_engine(pool_size=1)
+    async with pool_lifespan(engine):
+        pass
+    async with pool_lifespan(engine):
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+
+
+async def test_something_that_is_neither_engine_nor_group_is_refused() -> None:
+    with pytest.raises(TypeError, match="'engines' attribute"):
+        async with pool_lifespan(object()):
+            pytest.fail("the body must not run")
