@@ -1,0 +1,88 @@
+"""Error handling: which errors leave a connection (or the whole pool) unusable.
+
+SQLAlchemy's asyncpg dialect calls an error a disconnect only when the socket
+is already closed. That misses the cases that take services down:
+
+* a server that announced its shutdown (57P01/57P02/57P03) or a connection
+  error class (08) while the socket still looks open;
+* a statement that hit ``command_timeout``: asyncpg has sent a cancel request
+  and the connection stays busy until the server answers it. Behind a black
+  hole the answer never comes, and a rollback on return would wait for it
+  forever. The connection's state is unknown, so it is invalidated (aborted,
+  no round trip), as pgx and HikariCP do. (SQLAlchemy 2.1 does the same for a
+  bare ``asyncio.TimeoutError``; this also covers a wrapped one.);
+* 25006 (read-only transaction) on a pool meant for writes: the primary was
+  demoted by a failover, so every pooled connection points at a replica now.
+  That one connection is invalidated and so is the rest of the pool.
+
+The listener only marks errors; SQLAlchemy does the invalidation, and each one
+lands in ``invalidations_by_reason`` through the pool's ``invalidate`` listener.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Final
+
+from sqlalchemy import event
+
+from ._classify import classify, invalidates_pool, is_disconnect
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import ExceptionContext
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from ._pool import FairAsyncPool
+
+__all__ = ["install_error_handling"]
+
+logger = logging.getLogger("asyncpool.pool")
+
+#: Labels of errors after which this connection's state is unknown, though
+#: the server and the other connections are fine.
+_UNKNOWN_STATE: Final = frozenset({"timeout"})
+
+
+def install_error_handling(engine: AsyncEngine) -> None:
+    """Register the ``handle_error`` listener on ``engine`` (once per engine)."""
+    sync_engine = engine.sync_engine
+    if not event.contains(sync_engine, "handle_error", _on_error):
+        event.listen(sync_engine, "handle_error", _on_error)
+
+
+def _on_error(context: ExceptionContext) -> None:
+    error = context.original_exception
+    if not isinstance(error, Exception):
+        return  # a cancellation: SQLAlchemy already invalidates this connection alone
+    label = classify(error)
+    if label in _UNKNOWN_STATE:
+        context.is_disconnect = True
+        context.invalidate_pool_on_disconnect = False
+        return
+    if not (context.is_disconnect or is_disconnect(error)):
+        return
+    context.is_disconnect = True
+    pool = _pool_of(context)
+    whole_pool = invalidates_pool(error)
+    # SQLAlchemy's default reconnects every pooled connection after any
+    # disconnect. With the pre-ping on, one dead backend (a killed pid) does
+    # not condemn the others: the ping finds any other dead one unseen.
+    pre_ping = pool is None or pool.state.config.pre_ping
+    context.invalidate_pool_on_disconnect = whole_pool or not pre_ping
+    if whole_pool and pool is not None:
+        dropped = pool.invalidate_idle(error)
+        logger.warning(
+            "pool %r: %s (SQLSTATE 25006): the server is read-only, presumably a demoted "
+            "primary; invalidated the whole pool (%d idle connections closed)",
+            pool.name,
+            label,
+            dropped,
+        )
+
+
+def _pool_of(context: ExceptionContext) -> FairAsyncPool | None:
+    from ._pool import FairAsyncPool  # local: _pool imports nothing from here
+
+    engine = context.engine
+    pool = getattr(engine, "pool", None)
+    return pool if isinstance(pool, FairAsyncPool) else None
