@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ._pgbouncer import pgbouncer_connect_args
 from ._pool import FairAsyncPool, PoolState, next_pool_name
 from .config import PoolConfig, setting_names
 from .errors import AsyncPoolError, ConfigurationError
@@ -78,13 +79,7 @@ def create_pooled_engine(
     config = config.replace(name=name)
     state = PoolState(config, name)
 
-    connect_args = dict(options.pop("connect_args", {}))
-    server_settings = dict(connect_args.pop("server_settings", {}))
-    server_settings.setdefault("application_name", config.application_name or name)
-    connect_args["server_settings"] = server_settings
-    connect_args.setdefault("timeout", config.connect_timeout)
-    if config.command_timeout is not None:
-        connect_args.setdefault("command_timeout", config.command_timeout)
+    connect_args = connect_args_for(config, name, options.pop("connect_args", {}), parsed)
 
     engine = create_async_engine(
         parsed,
@@ -107,6 +102,22 @@ def create_pooled_engine(
 
 #: Called with every new engine (telemetry, fork safety register here).
 _engine_hooks: list[Any] = []
+
+
+def connect_args_for(
+    config: PoolConfig, name: str, given: Mapping[str, Any], url: URL
+) -> dict[str, Any]:
+    """asyncpg connect arguments for ``config``: timeouts, ``application_name``, pooler."""
+    connect_args = dict(given)
+    server_settings = dict(connect_args.pop("server_settings", {}))
+    server_settings.setdefault("application_name", config.application_name or name)
+    connect_args["server_settings"] = server_settings
+    connect_args.setdefault("timeout", config.connect_timeout)
+    if config.command_timeout is not None:
+        connect_args.setdefault("command_timeout", config.command_timeout)
+    if config.pooler == "pgbouncer":
+        connect_args = pgbouncer_connect_args(connect_args, url, name)
+    return connect_args
 
 
 def pool_of(engine: AsyncEngine | Any) -> FairAsyncPool:
