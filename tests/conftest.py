@@ -1,3 +1,3 @@
 from __future__ import annotations
 
-pytest_plugins = ["tests.fix_lifespan"]
+pytest_plugins = ["tests.fix_lifespan", "tests.fix_pgbouncer"]
