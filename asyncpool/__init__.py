@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import telemetry as telemetry
 from .config import PoolConfig as PoolConfig
 from .engine import create_pooled_engine as create_pooled_engine
 from .errors import AsyncPoolError as AsyncPoolError
@@ -33,4 +34,5 @@ __all__ = [
     "pool_lifespan",
     "register_engine",
     "statistics",
+    "telemetry",
 ]

@@ -273,8 +273,11 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         return len(self._waiters)
 
     def live_idle(self) -> int:
-        """Idle records that hold an open connection (records can be empty shells)."""
-        return sum(1 for rec in self._idle if rec.dbapi_connection is not None)
+        """Idle records that hold an open connection (records can be empty shells).
+
+        Iterates a snapshot: metric exporters call this from their own thread.
+        """
+        return sum(1 for rec in tuple(self._idle) if rec.dbapi_connection is not None)
 
     # ---------------------------------------------------------------- checkout
 

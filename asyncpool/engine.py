@@ -48,6 +48,7 @@ def create_pooled_engine(
     config: PoolConfig | None = None,
     *,
     engine_options: Mapping[str, Any] | None = None,
+    telemetry: bool = True,
     **overrides: Any,
 ) -> AsyncEngine:
     """Create an ``AsyncEngine`` on asyncpool's fair pool.
@@ -57,6 +58,8 @@ def create_pooled_engine(
     ``engine_options`` are passed to ``create_async_engine`` as they are
     (``echo``, ``json_serializer``, ``connect_args``, ...), except the pool
     options asyncpool sets itself.
+    ``telemetry=False`` skips OpenTelemetry instrumentation (on by default,
+    with the global providers; see ``asyncpool.telemetry``).
 
     Raises ``ConfigurationError`` before any connection is opened when a
     setting is invalid or the URL is not PostgreSQL on asyncpg.
@@ -96,11 +99,13 @@ def create_pooled_engine(
         **options,
     )
     for hook in _engine_hooks:
-        hook(engine)
+        if telemetry or not getattr(hook, "is_telemetry", False):
+            hook(engine)
     return engine
 
 
-#: Called with every new engine (telemetry, fork safety register here).
+#: Called with every new engine (telemetry, fork safety register here); a
+#: hook with a true ``is_telemetry`` attribute is skipped for ``telemetry=False``.
 _engine_hooks: list[Any] = []
 
 

@@ -1,3 +1,3 @@
 from __future__ import annotations
 
-pytest_plugins = ["tests.fix_lifespan", "tests.fix_pgbouncer"]
+pytest_plugins = ["tests.fix_lifespan", "tests.fix_pgbouncer", "tests.fix_otlp"]
