@@ -1,0 +1,167 @@
+"""What the server says about its connection budget: limits, current use, CPU count.
+
+Read-only queries any role may run; the CPU count needs the right to read a
+server file (superuser or ``pg_read_server_files``) and is otherwise taken
+from this machine only when the server is on it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Final
+
+from sqlalchemy.engine import make_url
+
+from ..engine import _asyncpg_url
+
+__all__ = [
+    "ServerFacts",
+    "Usage",
+    "connect_direct",
+    "fetch_server_facts",
+    "is_local",
+    "read_server_facts",
+]
+
+#: Query options SQLAlchemy's asyncpg dialect consumes itself; not for asyncpg.connect().
+_DIALECT_ONLY: Final = ("prepared_statement_cache_size", "prepared_statement_name_func")
+
+_LOCAL_HOSTS: Final = frozenset({"", "localhost", "127.0.0.1", "::1"})
+
+_USAGE_SQL: Final = """
+SELECT coalesce(nullif(application_name, ''), '(none)') AS app,
+       coalesce(state, 'unknown') AS state,
+       count(*) AS n
+FROM pg_stat_activity
+WHERE backend_type = 'client backend' AND NOT (pid = ANY($1::int[]))
+GROUP BY 1, 2
+ORDER BY 3 DESC, 1, 2
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Client connections of one ``application_name`` in one state."""
+
+    application_name: str
+    state: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServerFacts:
+    version: str
+    max_connections: int
+    superuser_reserved: int
+    #: ``reserved_connections`` (PostgreSQL 16+, for ``pg_use_reserved_connections``).
+    reserved: int
+    usage: tuple[Usage, ...]
+    cores: int | None
+    cores_source: str
+
+    @property
+    def budget(self) -> int:
+        """Connections ordinary roles may open: max_connections minus the reserved slots."""
+        return self.max_connections - self.superuser_reserved - self.reserved
+
+    @property
+    def in_use(self) -> int:
+        """Client connections open now, not counting the ones asking."""
+        return sum(u.count for u in self.usage)
+
+
+def is_local(url: str) -> bool:
+    """Whether the URL points at this machine (loopback or a Unix socket)."""
+    parsed = make_url(url)
+    host = parsed.host or ""
+    socket_dir = parsed.query.get("host")
+    return host in _LOCAL_HOSTS or host.startswith("/") or bool(socket_dir)
+
+
+async def connect_direct(url: str, *, connect_timeout: float, application_name: str) -> Any:
+    """One asyncpg connection from a SQLAlchemy-style URL, without SQLAlchemy on top.
+
+    The URL is read by SQLAlchemy's own asyncpg dialect, so it means what it
+    means to the app. No statement cache: unnamed statements work behind a
+    transaction pooler, where asyncpg's named ones break.
+    """
+    import asyncpg
+    from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg
+
+    dialect_class: Any = sa_asyncpg.dialect
+    dialect = dialect_class()
+    _, params = dialect.create_connect_args(_asyncpg_url(url))
+    for key in _DIALECT_ONLY:
+        params.pop(key, None)
+    settings = dict(params.pop("server_settings", None) or {})
+    settings.setdefault("application_name", application_name)
+    return await asyncpg.connect(
+        **params, timeout=connect_timeout, statement_cache_size=0, server_settings=settings
+    )
+
+
+async def fetch_server_facts(
+    url: str, *, connect_timeout: float, application_name: str
+) -> ServerFacts:
+    """Connect once, read the facts, disconnect."""
+    driver = await connect_direct(
+        url, connect_timeout=connect_timeout, application_name=application_name
+    )
+    try:
+        pid = int(await driver.fetchval("SELECT pg_backend_pid()"))
+        return await read_server_facts(driver, local=is_local(url), own_pids=[pid])
+    finally:
+        await driver.close(timeout=connect_timeout)
+
+
+async def read_server_facts(driver: Any, *, local: bool, own_pids: list[int]) -> ServerFacts:
+    """Read the facts through an asyncpg connection (outside any transaction)."""
+    version = await driver.fetchval("SHOW server_version")
+    max_connections = int(await driver.fetchval("SHOW max_connections"))
+    superuser_reserved = int(await driver.fetchval("SHOW superuser_reserved_connections"))
+    reserved_text = await driver.fetchval("SELECT current_setting('reserved_connections', true)")
+    rows = await driver.fetch(_USAGE_SQL, own_pids)
+    cores, source = await _cores(driver, local=local)
+    return ServerFacts(
+        version=str(version),
+        max_connections=max_connections,
+        superuser_reserved=superuser_reserved,
+        reserved=int(reserved_text) if reserved_text else 0,
+        usage=tuple(Usage(r["app"], r["state"], int(r["n"])) for r in rows),
+        cores=cores,
+        cores_source=source,
+    )
+
+
+async def _cores(driver: Any, *, local: bool) -> tuple[int | None, str]:
+    try:
+        cpuinfo = await driver.fetchval("SELECT pg_read_file('/proc/cpuinfo')")
+    except Exception:  # no right to read server files, or not Linux
+        cpuinfo = None
+    if cpuinfo:
+        count = sum(1 for line in str(cpuinfo).splitlines() if line.startswith("processor"))
+        quota = await _cgroup_quota(driver)
+        if count and quota is not None and quota < count:
+            return quota, "the server's cgroup CPU quota"
+        if count:
+            return count, "the server's /proc/cpuinfo"
+    if local:
+        return os.cpu_count(), "this machine (the server is local)"
+    return None, "unknown: no right to read it from the server; give --server-cores"
+
+
+async def _cgroup_quota(driver: Any) -> int | None:
+    """CPUs allowed by a cgroup v2 ``cpu.max`` quota (containers), if any."""
+    try:
+        text = await driver.fetchval("SELECT pg_read_file('/sys/fs/cgroup/cpu.max')")
+    except Exception:
+        return None
+    parts = str(text or "").split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        return max(math.ceil(int(parts[0]) / int(parts[1])), 1)
+    except (ValueError, ZeroDivisionError):
+        return None
