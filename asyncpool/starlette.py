@@ -1,0 +1,229 @@
+"""Starlette and FastAPI glue (extra ``starlette``): lifespan, request sessions, health.
+
+Three pieces, each usable alone:
+
+- ``create_lifespan(*engines, lifespan=...)``: ``Starlette(lifespan=...)`` /
+  ``FastAPI(lifespan=...)``. Wraps ``pool_lifespan`` (warm at start-up, drain
+  and dispose at shutdown) around your own lifespan, and puts the engines in
+  the lifespan state (``request.state.asyncpool_engines``, by pool name).
+- ``Sessions(engine)``: one ``AsyncSession`` per request that commits on
+  success, rolls back on error, and always gives its connection back, even
+  when the client disconnects or the request is cancelled. Checkout is late
+  (the first query) and release is early (when the endpoint function
+  returns, before the response is sent): ``sessions.depends()`` for FastAPI,
+  ``async with sessions.scope()`` for Starlette.
+- ``health_endpoint()``: 200 with the pool statistics as JSON while every
+  database answers, 503 with a reason while one does not (readiness probes).
+
+**Streaming.** A request's connection must not be held while a response
+streams to a slow client. With ``sessions.depends()`` it is not: the session
+is committed and closed when the endpoint function returns, before the first
+byte is sent, so read what you stream inside the endpoint and stream from
+memory. A generator that must query while it streams opens its own short
+``async with sessions.scope()`` per batch; the scope gives the connection
+back even when the client goes away mid-stream. After release the request's
+session refuses further use (``close_resets_only=False``) rather than quietly
+checking out a connection that nobody would return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Final
+
+import anyio
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from .engine import pool_of
+from .lifespan import DEFAULT_DRAIN_TIMEOUT, DEFAULT_WARM_TIMEOUT, engines_of, pool_lifespan
+from .stats import statistics
+
+__all__ = ["STATE_KEY", "Sessions", "create_lifespan", "health_endpoint"]
+
+#: Key of the engines (a dict by pool name) in the lifespan state and on ``request.state``.
+STATE_KEY: Final = "asyncpool_engines"
+
+#: Seconds a health check may take per database before it counts as unavailable.
+DEFAULT_HEALTH_TIMEOUT: Final = 2.0
+
+AppLifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
+
+
+def create_lifespan(
+    *engines: Any,
+    lifespan: AppLifespan | None = None,
+    warm: bool = True,
+    warm_timeout: float = DEFAULT_WARM_TIMEOUT,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+) -> Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]:
+    """A lifespan for ``Starlette(lifespan=...)`` or ``FastAPI(lifespan=...)``.
+
+    The pools are warm before ``lifespan`` (yours) starts, so its start-up
+    code can use the database, and they are drained only after it has
+    finished. The state it yields is kept, and the engines are added under
+    ``STATE_KEY``. ``engines`` may include engine groups (objects with an
+    ``engines`` attribute).
+    """
+
+    @contextlib.asynccontextmanager
+    async def app_lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
+        async with pool_lifespan(
+            *engines, warm=warm, warm_timeout=warm_timeout, drain_timeout=drain_timeout
+        ) as flat:
+            state: dict[str, Any] = {STATE_KEY: {pool_of(e).name: e for e in flat}}
+            if lifespan is None:
+                yield state
+                return
+            async with lifespan(app) as user_state:
+                yield {**(user_state or {}), **state}
+
+    return app_lifespan
+
+
+class Sessions:
+    """Request-scoped ``AsyncSession``s: commit on success, roll back on error.
+
+    ``bind`` is an engine (sessions get ``expire_on_commit=False``, so
+    objects stay readable after the early commit, plus ``session_options``)
+    or your own ``async_sessionmaker``.
+    """
+
+    def __init__(
+        self,
+        bind: AsyncEngine | async_sessionmaker[AsyncSession],
+        **session_options: Any,
+    ) -> None:
+        if isinstance(bind, async_sessionmaker):
+            if session_options:
+                raise TypeError("give session options to your async_sessionmaker, not to Sessions")
+            self.sessionmaker: async_sessionmaker[AsyncSession] = bind
+        else:
+            session_options.setdefault("expire_on_commit", False)
+            session_options.setdefault("close_resets_only", False)
+            self.sessionmaker = async_sessionmaker(bind, **session_options)
+
+    @contextlib.asynccontextmanager
+    async def scope(self) -> AsyncIterator[AsyncSession]:
+        """``async with sessions.scope() as session:``; the Starlette helper.
+
+        On a normal exit the session commits; on an exception it rolls back;
+        when cancelled (client gone, server shutting down) its connection is
+        discarded without a round trip, since its state is unknown. In every
+        case the connection is back in the pool when the block ends.
+        """
+        session = self.sessionmaker()
+        try:
+            yield session
+        except BaseException as exc:
+            await _finish(session, exc)
+            raise
+        await _finish(session, None)
+
+    async def dependency(self) -> AsyncIterator[AsyncSession]:
+        """A FastAPI dependency with ``yield``; prefer ``depends()``, which sets its scope."""
+        async with self.scope() as session:
+            yield session
+
+    def depends(self) -> Any:
+        """``Depends(...)`` ending the session when the endpoint function returns.
+
+        FastAPI's ``scope="function"`` runs the commit before the response is
+        sent, so a failed commit still turns into an error response and no
+        connection is held while the response is sent or streamed.
+        """
+        from fastapi import Depends  # the FastAPI half only: Starlette apps never get here
+
+        try:
+            return Depends(self.dependency, scope="function")
+        except TypeError:  # pragma: no cover - FastAPI without dependency scopes
+            return Depends(self.dependency)
+
+
+async def _finish(session: AsyncSession, error: BaseException | None) -> None:
+    """Commit, or roll back, or discard; the connection is given back in every case.
+
+    Shielded from anyio cancel scopes (which re-cancel at every await); if a
+    native cancellation still interrupts, the connection is invalidated,
+    which needs no await that could be interrupted.
+    """
+    try:
+        with anyio.CancelScope(shield=True):
+            if error is None:
+                try:
+                    await session.commit()
+                finally:
+                    await session.close()
+            elif isinstance(error, Exception):
+                await session.close()  # rolls back
+            else:
+                await session.invalidate()  # cancelled mid-request: no round trip
+    except BaseException:
+        await session.invalidate()
+        raise
+
+
+def health_endpoint(
+    *engines: Any, timeout: float = DEFAULT_HEALTH_TIMEOUT
+) -> Callable[[Request], Awaitable[JSONResponse]]:
+    """An endpoint for readiness probes: ``app.add_route("/health", health_endpoint())``.
+
+    Checks every engine (given here, else those of ``create_lifespan`` from
+    the request state) with ``SELECT 1`` on a pooled connection, bounded by
+    ``timeout`` seconds. 200 ``{"status": "ok", "pools": {...}}`` with each
+    pool's statistics; 503 ``{"status": "unavailable", "reason": ...}`` when
+    a database does not answer in time, errors, or its pool is shutting down
+    (so a draining instance leaves the load balancer first).
+    """
+    fixed = engines_of(*engines) if engines else None
+
+    async def health(request: Request) -> JSONResponse:
+        targets = fixed if fixed is not None else _engines_from_state(request)
+        reasons = await asyncio.gather(*(_check(engine, timeout) for engine in targets))
+        failed = [reason for reason in reasons if reason is not None]
+        body: dict[str, Any] = {
+            "status": "unavailable" if failed else "ok",
+            "pools": {pool_of(e).name: statistics(e).as_dict() for e in targets},
+        }
+        if failed:
+            body["reason"] = "; ".join(failed)
+        return JSONResponse(body, status_code=503 if failed else 200)
+
+    return health
+
+
+def _engines_from_state(request: Request) -> tuple[AsyncEngine, ...]:
+    found = getattr(request.state, STATE_KEY, None)
+    if not found:
+        raise RuntimeError(
+            "health_endpoint() without engines needs create_lifespan() as the app's lifespan"
+        )
+    return tuple(found.values())
+
+
+async def _check(engine: AsyncEngine, seconds: float) -> str | None:
+    """None when the database answers ``SELECT 1`` within ``seconds``, else why not."""
+    pool = pool_of(engine)
+    if pool.state.closed:
+        return f"pool {pool.name!r} is shutting down"
+    try:
+        with anyio.fail_after(seconds):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+    except TimeoutError:
+        return f"pool {pool.name!r}: no answer within {seconds:g} s"
+    except Exception as exc:
+        reason = f"pool {pool.name!r}: {type(exc).__name__}: {_first_line(exc)}"
+        password = engine.url.password
+        return reason.replace(str(password), "***") if password else reason
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else ""
