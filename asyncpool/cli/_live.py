@@ -18,7 +18,10 @@ __all__ = ["LiveView", "PlainLines", "View", "frame"]
 
 #: Redraws per second of the live panel.
 REFRESH_PER_SECOND: Final = 8
-_BAR: Final = 32
+_BAR: Final = 40
+_PANEL_MAX: Final = 100
+#: Columns of the panel that are not the bar: borders, padding, labels, values.
+_FIXED_COLUMNS: Final = 52
 
 
 class View(Protocol):
@@ -77,7 +80,7 @@ class LiveView:
 
         self.peak_waiting = 1
         self.live = Live(
-            frame(run, None, peak_waiting=1),
+            frame(run, None, peak_waiting=1, width=self.out.console.width),
             console=self.out.console,
             refresh_per_second=REFRESH_PER_SECOND,
             transient=False,
@@ -87,7 +90,9 @@ class LiveView:
     def update(self, run: Run, sample: Sample) -> None:
         self.peak_waiting = max(self.peak_waiting, sample.waiting)
         if self.live is not None:
-            self.live.update(frame(run, sample, peak_waiting=self.peak_waiting))
+            self.live.update(
+                frame(run, sample, peak_waiting=self.peak_waiting, width=self.out.console.width)
+            )
 
     def end(self) -> None:
         if self.live is not None:
@@ -100,54 +105,57 @@ def _bar(value: float, full: float, width: int = _BAR) -> str:
     return "█" * cells + "·" * (width - cells)
 
 
-def frame(run: Run, sample: Sample | None, *, peak_waiting: int) -> Any:
-    """The live panel for one moment of a run (a rich renderable)."""
+def frame(run: Run, sample: Sample | None, *, peak_waiting: int, width: int = 100) -> Any:
+    """The live panel for one moment of a run (a rich renderable) for a ``width``-column screen."""
     from rich.panel import Panel
     from rich.table import Table
     from rich.text import Text
 
     cfg = run.config
     total = run.profile.duration
+    bar = max(min(width - _FIXED_COLUMNS, _BAR), 8)
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(justify="left", style="bold")
-    grid.add_column(justify="left")
-    grid.add_column(justify="right")
+    grid.add_column(justify="left", style="bold", no_wrap=True)
+    grid.add_column(justify="left", no_wrap=True)
+    grid.add_column(justify="right", no_wrap=True)
     if sample is None:
         grid.add_row("starting", "", "")
     else:
-        t = min(sample.t, total)
         grid.add_row(
-            _phase(run, sample.t),
-            _bar(t, total),
-            f"{sample.t:5.1f} / {total:g} s   offered {sample.offered:g} req/s, "
-            f"arriving {sample.arrival_rate:.0f}/s",
+            _phase(run, sample.t), _bar(min(sample.t, total), total, bar),
+            f"{sample.t:4.1f} of {total:g} s",
+        )  # fmt: skip
+        grid.add_row(
+            "offered", f"{sample.offered:g} req/s", f"arriving {sample.arrival_rate:.0f}/s"
         )
         grid.add_row(
             "checked out",
-            Text(_bar(sample.checked_out, cfg.max_size), style="green"),
+            Text(_bar(sample.checked_out, cfg.max_size, bar), style="green"),
             f"{sample.checked_out} of {cfg.max_size}",
         )
         grid.add_row("idle", "", str(sample.idle))
         grid.add_row(
             "overflow",
-            Text(_bar(sample.overflow, max(cfg.max_overflow, 1)), style="yellow"),
+            Text(_bar(sample.overflow, max(cfg.max_overflow, 1), bar), style="yellow"),
             f"{sample.overflow} of {cfg.max_overflow}",
         )
         grid.add_row(
             "waiting",
-            Text(_bar(sample.waiting, peak_waiting), style="red" if sample.waiting else ""),
-            f"{sample.waiting}   oldest {fmt_seconds(sample.oldest_waiter)}",
+            Text(_bar(sample.waiting, peak_waiting, bar), style="red" if sample.waiting else ""),
+            f"{sample.waiting}, oldest {fmt_seconds(sample.oldest_waiter)}"
+            if sample.waiting
+            else "0",
         )
         grid.add_row(
             "wait, last 1 s",
-            f"p50 {fmt_seconds(sample.wait_p50)}   p99 {fmt_seconds(sample.wait_p99)}",
-            f"max {fmt_seconds(sample.wait_max)}   pool_timeout {cfg.pool_timeout:g} s",
+            f"p50 {fmt_seconds(sample.wait_p50)}  p99 {fmt_seconds(sample.wait_p99)}",
+            f"max {fmt_seconds(sample.wait_max)}",
         )
-        outcomes = Text(f"served {sample.served}   ")
+        outcomes = Text(f"served {sample.served}  ")
         outcomes.append(
             f"timed out {sample.timed_out}", style="bold red" if sample.timed_out else ""
         )
-        outcomes.append(f"   rejected {sample.rejected}   errors {sample.errors}")
         grid.add_row("requests", outcomes, f"in flight {sample.in_flight}")
+        grid.add_row("", f"rejected {sample.rejected}  errors {sample.errors}", "")
     title = f"asyncpool simulate · {run.label} · {describe(cfg)}"
-    return Panel(grid, title=title, title_align="left")
+    return Panel(grid, title=title, title_align="left", width=min(width, _PANEL_MAX))
