@@ -14,6 +14,9 @@ from .errors import PoolTimeoutError as PoolTimeoutError
 from .errors import WrongEventLoopError as WrongEventLoopError
 from .fork import register_engine as register_engine
 from .lifespan import pool_lifespan as pool_lifespan
+from .routing import EngineGroup as EngineGroup
+from .routing import RoutingStatistics as RoutingStatistics
+from .routing import create_analytics_engine as create_analytics_engine
 from .stats import PoolStatistics as PoolStatistics
 from .stats import statistics as statistics
 
@@ -23,13 +26,16 @@ __all__ = [
     "AsyncPoolError",
     "ConfigurationError",
     "DatabaseUnavailableError",
+    "EngineGroup",
     "PoolClosedError",
     "PoolConfig",
     "PoolOverloadedError",
     "PoolStatistics",
     "PoolTimeoutError",
+    "RoutingStatistics",
     "WrongEventLoopError",
     "__version__",
+    "create_analytics_engine",
     "create_pooled_engine",
     "pool_lifespan",
     "register_engine",
