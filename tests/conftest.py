@@ -1,3 +1,8 @@
 from __future__ import annotations
 
-pytest_plugins = ["tests.fix_lifespan", "tests.fix_pgbouncer", "tests.fix_replica", "tests.fix_otlp"]
+pytest_plugins = [
+    "tests.fix_lifespan",
+    "tests.fix_pgbouncer",
+    "tests.fix_replica",
+    "tests.fix_otlp",
+]
