@@ -11,6 +11,7 @@ import sqlalchemy.exc
 
 __all__ = [
     "AsyncPoolError",
+    "BudgetExceededError",
     "ConfigurationError",
     "DatabaseUnavailableError",
     "PoolClosedError",
@@ -92,3 +93,17 @@ class DatabaseUnavailableError(AsyncPoolError, ConnectionError):
     The message names host, port and database and the driver's reason, never
     the password.
     """
+
+
+class BudgetExceededError(AsyncPoolError):
+    """The fleet's pools could open more connections than the server allows.
+
+    Raised at start-up by ``pool_lifespan(..., budget="enforce")`` (and
+    ``check_budget``): processes x engines x (pool_size + max_overflow) is more
+    than ``max_connections`` leaves. The message shows the arithmetic and a
+    per-engine size that fits; ``budget`` holds the numbers.
+    """
+
+    def __init__(self, message: str, budget: object) -> None:
+        self.budget = budget
+        super().__init__(message)
