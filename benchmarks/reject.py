@@ -10,7 +10,9 @@ Rejection latency is the time from calling ``engine.connect()`` to the
 error reaching the caller, through SQLAlchemy's async facade and greenlet
 bridge (what an application sees). "Answered after" is measured from the
 moment the spike arrived, so it also counts the event loop running the
-spike's other tasks first.
+spike's other tasks first. A refusal never awaits, so its thread CPU time
+is also taken: on a loaded machine the wall-clock tail is mostly the
+process being descheduled, which the CPU time does not see.
 """
 
 from __future__ import annotations
@@ -53,17 +55,19 @@ async def reject_cell(
     engine = subject.engine
     query = text("SELECT pg_sleep(:s)")
     latencies: list[float] = []
+    cpu: list[float] = []
     answered: list[float] = []
     counts = {"served": 0, "rejected": 0, "timeouts": 0}
     stop = False
 
     async def checkout_once(spike_start: float | None) -> bool:
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.thread_time()
         try:
             conn = await engine.connect()
         except PoolOverloadedError:
-            now = time.perf_counter()
+            now, now_cpu = time.perf_counter(), time.thread_time()
             latencies.append(now - began)
+            cpu.append(now_cpu - began_cpu)
             if spike_start is not None:
                 answered.append(now - spike_start)
             counts["rejected"] += 1
@@ -98,6 +102,7 @@ async def reject_cell(
     finally:
         await subject.close()
     latencies.sort()
+    cpu.sort()
     answered.sort()
     return {
         "spikes": spikes,
@@ -106,6 +111,8 @@ async def reject_cell(
         "reject_p50_ms": 1000 * quantile(latencies, 0.50),
         "reject_p99_ms": 1000 * quantile(latencies, 0.99),
         "reject_max_ms": 1000 * (latencies[-1] if latencies else float("nan")),
+        "reject_cpu_p50_ms": 1000 * quantile(cpu, 0.50),
+        "reject_cpu_p99_ms": 1000 * quantile(cpu, 0.99),
         "answered_p99_ms": 1000 * quantile(answered, 0.99),
         "answered_max_ms": 1000 * (answered[-1] if answered else float("nan")),
         "pool": stats,

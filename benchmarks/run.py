@@ -318,7 +318,8 @@ def reject_rounds(workers: dict[str, Worker], plan: dict[str, Any]) -> dict[str,
             raw.append({"variant": variant, "round": r, **cell})
             print(
                 f"reject round {r + 1}: {variant}: {cell['rejected']} rejected, p99 "
-                f"{cell['reject_p99_ms']:.3f} ms, max {cell['reject_max_ms']:.3f} ms",
+                f"{cell['reject_p99_ms']:.3f} ms (CPU {cell['reject_cpu_p99_ms']:.3f} ms), "
+                f"max {cell['reject_max_ms']:.3f} ms",
                 flush=True,
             )
     metrics = (
@@ -328,6 +329,8 @@ def reject_rounds(workers: dict[str, Worker], plan: dict[str, Any]) -> dict[str,
         "reject_p50_ms",
         "reject_p99_ms",
         "reject_max_ms",
+        "reject_cpu_p50_ms",
+        "reject_cpu_p99_ms",
         "answered_p99_ms",
     )
     return {"raw": raw, "summary": _report.summarise_rounds(raw, metrics)}
