@@ -33,9 +33,11 @@ from typing import Any, Final
 
 import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import NullPool
 
 from ._classify import sqlstate_of
 from ._pool import FairAsyncPool
+from .budget import BudgetMode, check_budget
 from .engine import pool_of
 from .errors import AsyncPoolError, ConfigurationError, DatabaseUnavailableError
 
@@ -92,14 +94,23 @@ async def pool_lifespan(
     warm: bool = True,
     warm_timeout: float = DEFAULT_WARM_TIMEOUT,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    budget: BudgetMode | None = None,
+    processes: int | None = None,
 ) -> AsyncIterator[tuple[AsyncEngine, ...]]:
     """Warm the pools of ``engines`` on entry; drain and dispose them on exit.
 
     ``engines`` are engines from ``create_pooled_engine`` or objects with an
     ``engines`` attribute (an ``EngineGroup``); yields the flat tuple of
     engines. ``warm=False`` skips opening connections at start.
+
+    ``budget="warn"`` or ``"enforce"`` first checks that ``processes`` (default
+    ``ASYNCPOOL_PROCESSES`` / ``WEB_CONCURRENCY`` / 1) x the engines' pools fit
+    the server's ``max_connections`` (``asyncpool.budget.check_budget``);
+    ``"enforce"`` refuses to start with ``BudgetExceededError``. Unpooled
+    engines (``create_analytics_engine``) are not warmed, only disposed.
     """
-    flat = engines_of(*engines)
+    everything = engines_of(*engines)
+    flat = tuple(e for e in everything if not isinstance(e.sync_engine.pool, NullPool))
     pools = [pool_of(engine) for engine in flat]  # fails early for a foreign engine
     if not warm_timeout > 0:
         raise ConfigurationError("warm_timeout", warm_timeout, "a number of seconds > 0")
@@ -107,16 +118,20 @@ async def pool_lifespan(
         raise ConfigurationError("drain_timeout", drain_timeout, "a number of seconds >= 0")
     for pool in pools:
         pool.state.closed = False  # a lifespan entered again (tests, reload) reopens
-    if warm:
-        try:
-            await _warm_all(flat, warm_timeout)
-        except BaseException:
-            await _shutdown(flat, drain_timeout=0.0)
-            raise
     try:
-        yield flat
+        await check_budget(engines, processes, budget)  # groups keep their roles
+        if warm:
+            await _warm_all(flat, warm_timeout)
+    except BaseException:
+        await _shutdown(flat, drain_timeout=0.0)
+        raise
+    try:
+        yield everything
     finally:
         await _shutdown(flat, drain_timeout=drain_timeout)
+        for engine in everything:
+            if engine not in flat:
+                await engine.dispose()
 
 
 # --------------------------------------------------------------------- start

@@ -32,6 +32,7 @@ import itertools
 import logging
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -89,6 +90,9 @@ _last_write: contextvars.ContextVar[tuple[tuple[int, float], ...]] = contextvars
 )
 _group_keys: Iterator[int] = itertools.count(1)
 
+#: The settings an analytics (NullPool) engine was created with.
+_unpooled_configs: weakref.WeakKeyDictionary[Engine, PoolConfig] = weakref.WeakKeyDictionary()
+
 #: Where a group session keeps its router, in ``Session.info``.
 _ROUTER: Final = "asyncpool.routing.router"
 
@@ -128,6 +132,8 @@ class GroupMember:
     pool_size: int
     #: Connections opened on demand and closed after use (the analytics limit for NullPool).
     max_overflow: int
+    #: ``PoolConfig.pooler`` of the engine (``"pgbouncer"`` or None).
+    pooler: str | None = None
 
     @property
     def max_connections(self) -> int:
@@ -288,13 +294,13 @@ class EngineGroup:
     def _member(
         self, role: Literal["primary", "replica", "analytics"], engine: AsyncEngine
     ) -> GroupMember:
+        name = _engine_name(engine)
         if isinstance(engine.sync_engine.pool, NullPool):
             limit = self.analytics_limit if role == "analytics" else 0
-            return GroupMember(role, _engine_name(engine), engine, 0, limit)
+            unpooled = _unpooled_configs.get(engine.sync_engine)
+            return GroupMember(role, name, engine, 0, limit, unpooled.pooler if unpooled else None)
         config = pool_of(engine).state.config
-        return GroupMember(
-            role, _engine_name(engine), engine, config.pool_size, config.max_overflow
-        )
+        return GroupMember(role, name, engine, config.pool_size, config.max_overflow, config.pooler)
 
     def __repr__(self) -> str:
         names = ", ".join(f"{m.role}={m.name!r}" for m in self.members)
@@ -540,13 +546,15 @@ def create_analytics_engine(
     options = dict(engine_options or {})
     parsed = _asyncpg_url(url)
     connect_args = connect_args_for(config, name, options.pop("connect_args", {}), parsed)
-    return create_async_engine(
+    engine = create_async_engine(
         parsed,
         poolclass=NullPool,
         pool_logging_name=name,
         connect_args=connect_args,
         **options,
     )
+    _unpooled_configs[engine.sync_engine] = config.replace(name=name)
+    return engine
 
 
 def _engine_name(engine: AsyncEngine) -> str:
