@@ -6,7 +6,7 @@ command per line (``throughput``, ``overload``, ``reject``, ``info``,
 time (the others block reading stdin), so variants are interleaved without
 competing for the CPU, and each keeps its own OpenTelemetry globals.
 
-    python -m benchmarks._worker --variant ap_default --dsn postgresql://...
+    BENCHMARK_DSN=postgresql://... python -m benchmarks._worker --variant ap_default
 """
 
 from __future__ import annotations
@@ -14,15 +14,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import traceback
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
+
+#: Where the worker finds the database (asyncpg DSN form); kept off the command line.
+DSN_VARIABLE: Final = "BENCHMARK_DSN"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", required=True)
-    parser.add_argument("--dsn", required=True, help="postgresql:// DSN (asyncpg form)")
     args = parser.parse_args()
 
     from . import variants
@@ -35,7 +38,7 @@ def main() -> None:
 
     protocol: TextIO = sys.stdout
     sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
-    dsn = args.dsn
+    dsn = os.environ[DSN_VARIABLE]
     target = {"dsn": dsn, "url": dsn.replace("postgresql://", "postgresql+asyncpg://", 1)}
 
     for line in sys.stdin:

@@ -89,7 +89,7 @@ async def profile_loop(subject: Any, checkout_only: bool, window: float) -> dict
     result = await closed_loop(op, 10, 0.0, window)
     profiler.disable()
     ops = result["ops"] or 1
-    stats = pstats.Stats(profiler)
+    stats: Any = pstats.Stats(profiler)  # .stats: the raw table (untyped in typeshed)
     groups: dict[str, float] = {}
     calls = 0
     details: list[dict[str, Any]] = []
@@ -208,7 +208,7 @@ def primitives(calls: int) -> dict[str, float]:
     bounds = [0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
     provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
     meter = provider.get_meter("bench")
-    hist = meter.create_histogram("h", unit="s", explicit_bucket_boundaries_advisory=bounds)
+    hist: Any = meter.create_histogram("h", unit="s", explicit_bucket_boundaries_advisory=bounds)
     counter = meter.create_counter("c")
     quiet = MeterProvider(
         metric_readers=[InMemoryMetricReader()], exemplar_filter=AlwaysOffExemplarFilter()

@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the checkout's asyncpool, not an installed one
 
 from benchmarks import _report  # noqa: E402
+from benchmarks._worker import DSN_VARIABLE  # noqa: E402
 from benchmarks.overload import (  # noqa: E402
     HOLD,
     MAX_OVERFLOW,
@@ -78,9 +79,10 @@ class Worker:
     def __init__(self, variant: str, dsn: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        env[DSN_VARIABLE] = dsn  # not on the command line, where ps would show a password
         self.variant = variant
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks._worker", "--variant", variant, "--dsn", dsn],
+            [sys.executable, "-m", "benchmarks._worker", "--variant", variant],
             cwd=ROOT,
             env=env,
             stdin=subprocess.PIPE,
@@ -173,6 +175,7 @@ def main() -> None:
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     path = out_dir / f"{stamp}{'-quick' if args.quick else ''}.json"
+    result["raw_results"] = str(path.relative_to(ROOT))
     path.write_text(json.dumps(result, indent=1, default=str))
     text = _report.markdown(result)
     print("\n" + text)
@@ -180,7 +183,7 @@ def main() -> None:
     if record:
         with open(HERE / "RESULTS.md", "a") as f:
             f.write("\n" + text)
-        (HERE / "latest.json").write_text(json.dumps(result, indent=1, default=str))
+        (HERE / "latest.json").write_text(json.dumps(_summary(result), indent=1, default=str))
         print("appended to benchmarks/RESULTS.md; wrote benchmarks/latest.json")
 
 
@@ -352,6 +355,16 @@ def run_soak(dsn: str) -> str:
     if proc.returncode != 0 or not lines:
         return f"soak.py failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"
     return lines[-1]
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The result without raw cells (those stay in results/): what latest.json versions."""
+    out = {k: v for k, v in result.items() if k != "workers"}
+    for part in ("throughput", "overload", "reject"):
+        if part in out:
+            out[part] = {"summary": out[part].get("summary", {})}
+    out["raw_results"] = result.get("raw_results")
+    return out
 
 
 # --------------------------------------------------------------- environment
