@@ -20,6 +20,7 @@ __all__ = ["LiveView", "PlainLines", "View", "frame"]
 REFRESH_PER_SECOND: Final = 8
 _BAR: Final = 40
 _PANEL_MAX: Final = 100
+_VALUE_WIDTH: Final = 20
 #: Columns of the panel that are not the bar: borders, padding, labels, values.
 _FIXED_COLUMNS: Final = 52
 
@@ -115,9 +116,9 @@ def frame(run: Run, sample: Sample | None, *, peak_waiting: int, width: int = 10
     total = run.profile.duration
     bar = max(min(width - _FIXED_COLUMNS, _BAR), 8)
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(justify="left", style="bold", no_wrap=True)
-    grid.add_column(justify="left", no_wrap=True)
-    grid.add_column(justify="right", no_wrap=True)
+    grid.add_column(justify="left", style="bold", no_wrap=True, min_width=14)
+    grid.add_column(justify="left", no_wrap=True, min_width=bar)
+    grid.add_column(justify="right", no_wrap=True, min_width=_VALUE_WIDTH)
     if sample is None:
         grid.add_row("starting", "", "")
     else:

@@ -160,11 +160,13 @@ def verdict(run: Run) -> str:
     if s.rejected:
         parts.append(f"{s.rejected} were rejected (max_waiting)")
     if s.errors or s.unfinished:
-        parts.append(f"{s.errors + s.unfinished} failed otherwise")
-    what = ", ".join(parts)
+        parts.append(f"{s.errors + s.unfinished} failed with errors")
+    what = f"{run.label}: {', '.join(parts)} of {s.requests}"
+    if not (s.timed_out or s.rejected):
+        return f"{what}; the pool was not the limit, see the first error."
     if needed > size:
-        return f"{run.label}: {what} of {s.requests}; {law}, and this pool has at most {size}."
+        return f"{what}; {law}, and this pool has at most {size}."
     return (
-        f"{run.label}: {what} of {s.requests}; {law} against this pool's {size}, "
-        "so the failures came from bursts above the average or slow connects."
+        f"{what}; {law} against this pool's {size}, so the waits came from bursts above "
+        "the average or from slow connects."
     )

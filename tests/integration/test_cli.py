@@ -4,10 +4,10 @@ story), the embedded fallback, check (direct, proxied, behind PgBouncer) and adv
 from __future__ import annotations
 
 import asyncio
-import glob
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -112,17 +112,24 @@ def test_seed_configurations_compared_time_out_with_5_0_and_never_with_10_20(
 
 
 def test_simulate_starts_an_embedded_postgres_without_a_url_and_removes_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pattern = os.path.join(tempfile.gettempdir(), "asyncpool-pg-*")
-    before = set(glob.glob(pattern))
-    argv = ["simulate", "--rate", "20", "--before", "0.3", "--spike", "0", "--after", "0"]
-    code, out, err = run_cli([*argv, "--hold", "0.01"], capsys)
-    assert code == 0, err
-    assert "starting an embedded PostgreSQL" in out
-    assert "database: embedded PostgreSQL" in out
-    assert "every request served" in out
-    assert set(glob.glob(pattern)) == before  # stopped and its directory removed
+    # A temporary directory of our own: other test sessions on the machine
+    # start and remove embedded servers in the shared one meanwhile. It must
+    # be traversable by the unprivileged user the server runs as under root.
+    base = Path(tempfile.mkdtemp(prefix="asyncpool-cli-test-"))
+    base.chmod(0o755)
+    monkeypatch.setattr(tempfile, "tempdir", str(base))
+    try:
+        argv = ["simulate", "--rate", "20", "--before", "0.3", "--spike", "0", "--after", "0"]
+        code, out, err = run_cli([*argv, "--hold", "0.01"], capsys)
+        assert code == 0, err
+        assert "starting an embedded PostgreSQL" in out
+        assert "database: embedded PostgreSQL" in out
+        assert "every request served" in out
+        assert list(base.iterdir()) == []  # stopped, and its directory removed
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_simulate_exits_nonzero_with_the_reason_and_no_password_when_unreachable(

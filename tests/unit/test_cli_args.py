@@ -270,7 +270,7 @@ def test_live_frame_shows_connections_waiters_waits_and_timeouts() -> None:
     console.print(frame(run, sample, peak_waiting=212))
     text = console.export_text()
     for expected in ("spike", "checked out", "5 of 5", "waiting", "212", "p99 1.40 s",
-                     "timed out 31", "pool_timeout 3 s"):  # fmt: skip
+                     "timed out 31", "pool_timeout=3"):  # fmt: skip
         assert expected in text
 
 
@@ -284,3 +284,33 @@ def test_plain_lines_print_once_per_interval() -> None:
     printed = buffer.getvalue().splitlines()
     assert len(printed) == 3
     assert "waiting    3" in printed[0] and "timed out    0" in printed[0]
+
+
+def test_live_view_draws_on_a_terminal_and_leaves_the_last_frame() -> None:
+    from rich.console import Console
+
+    from asyncpool.cli._live import LiveView
+
+    run, sample = _run_with_sample(waiting=40, timed_out=7)
+    buffer = io.StringIO()
+    out = Output(buffer)
+    out.console = Console(file=buffer, force_terminal=True, width=90)
+    view = LiveView(out)
+    view.begin(run)
+    view.update(run, sample)
+    view.end()
+    text = buffer.getvalue()
+    assert "asyncpool simulate · 5/0" in text and "timed out 7" in text and "40" in text
+
+
+def test_verdict_blames_the_pool_only_when_the_pool_was_the_limit() -> None:
+    from asyncpool.cli._report import verdict
+
+    run, _ = _run_with_sample(waiting=0, timed_out=0)
+    run.requests = [RequestRecord(0.0, 3.0, None, "timed_out") for _ in range(3)]
+    run.requests += [RequestRecord(0.0, 0.0, 0.1, "served")]
+    assert "this pool has at most 5" in verdict(run)  # 120 x 0.1 = 12 > 5
+    run.requests = [RequestRecord(0.0, 0.0, 0.01, "error") for _ in range(4)]
+    assert "the pool was not the limit" in verdict(run)
+    run.requests = [RequestRecord(0.0, 0.0, 0.1, "served")]
+    assert verdict(run).startswith("5/0: every request served")
