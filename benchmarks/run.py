@@ -194,12 +194,13 @@ def run(args: argparse.Namespace, plan: dict[str, Any], dsn: str, db: str) -> di
         needed |= set(OVERLOAD_VARIANTS)
     if "reject" not in args.skip:
         needed |= set(REJECT_VARIANTS)
+    start_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     meta = _meta(dsn, db)
     workers = {v: Worker(v, dsn) for v in VARIANTS if v in needed}
     try:
         infos = {v: w.ask("info") for v, w in workers.items()}
         meta.update(_versions(infos))
-        notes = _notes(infos)
+        notes = _notes(infos, start_load)
         for note in notes:
             print("note:", note, flush=True)
         result: dict[str, Any] = {
@@ -451,8 +452,18 @@ def _versions(infos: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _notes(infos: dict[str, Any]) -> list[str]:
+#: A 1-minute load average above this before the run starts means other work is running.
+BUSY_LOAD: Final = 0.7
+
+
+def _notes(infos: dict[str, Any], load: float) -> list[str]:
     notes = []
+    if load > BUSY_LOAD:
+        notes.append(
+            f"The machine was busy before this run started (load average {load:.2f} on "
+            f"{os.cpu_count()} cores): other processes competed for the CPU, so absolute "
+            "numbers and even paired ratios carry extra noise."
+        )
     if any(i.get("telemetry_supported") is False for i in infos.values()):
         notes.append(
             "asyncpool has no telemetry yet (issue #4 not merged): the telemetry variants "
