@@ -13,10 +13,11 @@ import argparse
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
@@ -29,8 +30,11 @@ __all__ = [
     "UsageError",
     "add_pool_flags",
     "config_from_args",
+    "describe",
+    "non_negative",
     "parse_config_spec",
     "pool_settings",
+    "positive",
 ]
 
 #: Where the flags of the pool settings keep their values in the namespace.
@@ -104,6 +108,34 @@ class Setting:
         return _parse_env(source or self.flag, raw, (self.kind, self.optional))
 
 
+def positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    """An argparse ``type=``: a finite number > 0 of ``kind``."""
+    return _number(kind, lambda value: value > 0, "> 0")
+
+
+def non_negative(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    """An argparse ``type=``: a finite number >= 0 of ``kind``."""
+    return _number(kind, lambda value: value >= 0, ">= 0")
+
+
+def _number(
+    kind: type[int] | type[float], ok: Callable[[float], bool], bound: str
+) -> Callable[[str], Any]:
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"expected {noun} {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def pool_settings() -> tuple[Setting, ...]:
     """Every ``PoolConfig`` field, in declaration order, with its type and comment."""
     hints = typing.get_type_hints(PoolConfig)
@@ -141,7 +173,8 @@ def _field_docs() -> dict[str, str]:
             continue
         field = re.match(r"(\w+)\s*:", stripped)
         if field and pending:
-            docs[field.group(1)] = " ".join(pending)
+            text = " ".join(pending).replace("``None``", "none")
+            docs[field.group(1)] = text.replace("``", "")
         pending = []
     return docs
 
@@ -155,8 +188,8 @@ def add_pool_flags(parser: argparse.ArgumentParser, defaults: Mapping[str, Any])
     """
     group = parser.add_argument_group(
         "pool settings",
-        "Every PoolConfig setting. Defaults come from ASYNCPOOL_* variables, else PoolConfig. "
-        "Optional settings take 'none' to turn them off.",
+        "Every PoolConfig setting. Defaults come from ASYNCPOOL_* variables, else\n"
+        "PoolConfig; flags override them. Optional settings take 'none' to turn off.",
     )
     for setting in pool_settings():
         default = defaults.get(setting.name, setting.default)

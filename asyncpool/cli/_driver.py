@@ -132,6 +132,9 @@ class _Driver:
         except asyncio.CancelledError:
             record.outcome = UNFINISHED
             raise
+        except Exception as exc:  # giving the connection back failed
+            record.outcome = ERROR
+            self._note_error(exc)
         finally:
             self.totals[record.outcome] += 1
 

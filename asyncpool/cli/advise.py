@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from ..errors import ConfigurationError
-from ._args import UsageError
+from ._args import UsageError, non_negative, positive
 from ._database import Database, describe_failure
 from ._report import Output, fmt_seconds
 from ._server import ServerFacts, fetch_server_facts
@@ -23,40 +23,16 @@ from ._sizing import Advice, Target, advise
 __all__ = ["add_parser", "run"]
 
 
-def _positive(kind: type[int] | type[float]) -> Any:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "advise",
         help="suggest pool settings per process from the load, showing the arithmetic",
         description=(
-            "Suggest pool_size, max_overflow, pool_timeout and max_waiting per process from "
-            "the peak load, the time a request holds its connection and the number of "
-            "processes; show the arithmetic (Little's law, burst headroom, the fleet's "
-            "connection budget, HikariCP's rule of thumb) and warn when the fleet would "
-            "exceed the server. With --url, the server's limits, use and CPU count are read."
+            "Suggest pool_size, max_overflow, pool_timeout and max_waiting per process\n"
+            "from the peak load, the time a request holds its connection and the number\n"
+            "of processes. Shows the arithmetic (Little's law, burst headroom, the fleet's\n"
+            "connection budget, HikariCP's rule of thumb) and warns when the fleet would\n"
+            "exceed the server. With --url: the server's limits, use and CPU count."
         ),
         epilog=(
             "examples:\n"
@@ -71,33 +47,33 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     peak = load.add_mutually_exclusive_group(required=True)
     peak.add_argument(
         "--peak-rps",
-        type=_positive(float),
+        type=positive(float),
         metavar="RATE",
         help="requests per second at peak, whole fleet",
     )
     peak.add_argument(
         "--peak-concurrent",
-        type=_positive(float),
+        type=positive(float),
         metavar="N",
         help="requests holding a connection at once at peak, whole fleet",
     )
     load.add_argument(
         "--hold",
-        type=_positive(float),
+        type=positive(float),
         required=True,
         metavar="SECONDS",
         help="average seconds a request keeps its connection (query plus work in between)",
     )
     load.add_argument(
         "--processes",
-        type=_positive(int),
+        type=positive(int),
         default=1,
         metavar="N",
         help="app processes sharing the database: workers x pods x engines (default 1)",
     )
     load.add_argument(
         "--request-timeout",
-        type=_positive(float),
+        type=positive(float),
         default=10.0,
         metavar="SECONDS",
         help="the caller's deadline: load balancer or client timeout (default 10)",
@@ -108,27 +84,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--max-connections",
-        type=_positive(int),
+        type=positive(int),
         metavar="N",
         help="the server's max_connections, when not read with --url",
     )
     server.add_argument(
         "--server-cores",
-        type=_positive(int),
+        type=positive(int),
         metavar="N",
         help="the server's CPU cores (read from the server when allowed, or this machine "
         "when the server is local)",
     )
     server.add_argument(
         "--spindles",
-        type=_non_negative_int,
+        type=non_negative(int),
         default=1,
         metavar="N",
         help="HikariCP's effective spindle count: disks serving at once (default 1)",
     )
     server.add_argument(
         "--reserve",
-        type=_non_negative_int,
+        type=non_negative(int),
         default=5,
         metavar="N",
         help="connections to leave free for admin, migrations and cron (default 5)",

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from ..errors import ConfigurationError
-from ._args import UsageError
+from ._args import UsageError, positive
 from ._database import ENV_URL, Database, describe_failure
 from ._report import Output, fmt_seconds
 from ._server import ServerFacts, connect_direct, is_local, read_server_facts
@@ -65,20 +65,6 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def _positive(kind: type[int] | type[float]) -> Any:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "check",
@@ -94,14 +80,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("url", nargs="?", metavar="URL", help=f"database URL (default: {ENV_URL})")
     parser.add_argument(
         "--processes",
-        type=_positive(int),
+        type=positive(int),
         default=1,
         metavar="N",
         help="app processes that will share the server, for the per-process budget (1)",
     )
     parser.add_argument(
         "--timeout",
-        type=_positive(float),
+        type=positive(float),
         default=10.0,
         metavar="SECONDS",
         help="seconds to wait for the connection (10)",

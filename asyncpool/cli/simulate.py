@@ -13,14 +13,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
 from ..config import PoolConfig
 from ..errors import ConfigurationError
-from ._args import UsageError, add_pool_flags, config_from_args, describe, parse_config_spec
+from ._args import (
+    UsageError,
+    add_pool_flags,
+    config_from_args,
+    describe,
+    non_negative,
+    parse_config_spec,
+)
 from ._database import Database, describe_failure, open_database
 from ._driver import drive
 from ._live import LiveView, PlainLines, View
@@ -42,27 +48,10 @@ SEED_PAIR: Final = ("5/0", "10/20")
 #: Most configurations one ``--compare`` may put side by side.
 MAX_COMPARE: Final = 4
 
+#: Most requests one run may schedule (they are all kept for the summary).
+MAX_REQUESTS: Final = 1_000_000
+
 _NAME: Final = "asyncpool-simulate"
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected requests per second, got {text!r}") from None
-    if not math.isfinite(value) or value < 0 or value > 100_000:
-        raise argparse.ArgumentTypeError(f"expected a rate from 0 to 100000, got {text!r}")
-    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -70,10 +59,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "simulate",
         help="drive a traffic spike through a pool and watch it live",
         description=(
-            "Drive a real PostgreSQL through an asyncpool engine with a traffic profile: "
-            "a steady rate, a spike, the steady rate again. Arrivals are open-loop: requests "
-            "keep arriving whether or not earlier ones finished, which is what makes a spike "
-            "hurt. Shows a live view, then a summary; --plot draws it over time."
+            "Drive a real PostgreSQL through an asyncpool engine with a traffic profile:\n"
+            "a steady rate, a spike, the steady rate again. Arrivals are open-loop:\n"
+            "requests keep arriving whether or not earlier ones finished, which is what\n"
+            "makes a spike hurt. Shows a live view, then a summary; --plot draws it."
         ),
         epilog=(
             "examples:\n"
@@ -90,24 +79,47 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     traffic = parser.add_argument_group("traffic profile")
     traffic.add_argument(
-        "--rate", type=_rate, default=8.0, help="steady requests per second (default 8)"
+        "--rate",
+        metavar="RATE",
+        type=non_negative(float),
+        default=8.0,
+        help="steady requests per second (default 8)",
     )
     traffic.add_argument(
-        "--before", type=_seconds, default=3.0, help="seconds at --rate before the spike (3)"
+        "--before",
+        metavar="SECONDS",
+        type=non_negative(float),
+        default=3.0,
+        help="seconds at --rate before the spike (3)",
     )
     traffic.add_argument(
-        "--spike-rate", type=_rate, default=120.0, help="requests per second in the spike (120)"
+        "--spike-rate",
+        metavar="RATE",
+        type=non_negative(float),
+        default=120.0,
+        help="requests per second in the spike (120)",
     )
-    traffic.add_argument("--spike", type=_seconds, default=6.0, help="seconds of spike (6)")
     traffic.add_argument(
-        "--after", type=_seconds, default=3.0, help="seconds at --rate after the spike (3)"
+        "--spike",
+        metavar="SECONDS",
+        type=non_negative(float),
+        default=6.0,
+        help="seconds of spike (6)",
+    )
+    traffic.add_argument(
+        "--after",
+        metavar="SECONDS",
+        type=non_negative(float),
+        default=3.0,
+        help="seconds at --rate after the spike (3)",
     )
     work = traffic.add_mutually_exclusive_group()
     work.add_argument(
         "--hold",
-        type=_seconds,
+        metavar="SECONDS",
+        type=non_negative(float),
         default=0.1,
-        help="seconds each request holds its connection: SELECT pg_sleep(HOLD) (0.1)",
+        help="seconds each request holds its connection: SELECT pg_sleep(SECONDS) (0.1)",
     )
     work.add_argument("--sql", help="run this statement instead of pg_sleep while holding")
     traffic.add_argument(
@@ -117,7 +129,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="poisson: random gaps, as independent users make (default); even: 1/rate apart",
     )
     traffic.add_argument(
-        "--seed", type=int, default=1, help="random seed of the arrivals; same seed, same run (1)"
+        "--seed",
+        metavar="N",
+        type=int,
+        default=1,
+        help="random seed of the arrivals; same seed, same run (1)",
     )
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -190,6 +206,12 @@ def _profile(args: argparse.Namespace) -> Profile:
     )
     if profile.duration <= 0:
         raise UsageError("arguments --before/--spike/--after: the profile lasts 0 seconds")
+    expected = sum(p.rate * p.seconds for p in profile.phases)
+    if expected > MAX_REQUESTS:
+        raise UsageError(
+            f"arguments --rate/--spike-rate/--before/--spike/--after: about {expected:.0f} "
+            f"requests; a run takes at most {MAX_REQUESTS}"
+        )
     if not profile.arrival_times():
         raise UsageError("arguments --rate/--spike-rate: no request would arrive")
     return profile
