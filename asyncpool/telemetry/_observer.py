@@ -83,6 +83,10 @@ class PoolTelemetry:
         self._add_connection_error = instruments.connection_errors.add
         self._reason_attributes: dict[str, dict[str, Any]] = {}
         self._error_attributes: dict[type[BaseException], dict[str, Any]] = {}
+        # Counters of rare events start at 0, so that every pool has the
+        # series from the start (Prometheus' rate() needs the zero).
+        for add in (self._add_timeout, self._add_rejected, self._add_ping_failure):
+            add(0, attributes)
         self._spans = spans
         # A span for a successful checkout when wait >= _span_after and it
         # queued (or _span_unqueued): "slow" with threshold 0 is "every
