@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from opentelemetry import metrics, trace
@@ -56,7 +57,8 @@ class Instrumentation:
         spans: SpanMode,
         slow_threshold: float,
     ) -> None:
-        self._engine = engine
+        self._engine = weakref.ref(engine)  # the handle must not keep the engine alive
+        self._url = engine.url
         self._state = state
         self._meter_provider = meter_provider
         self._tracer_provider = tracer_provider
@@ -127,7 +129,9 @@ class Instrumentation:
             return None
         # At least one side is real. An unset side goes through the global
         # proxy, which OpenTelemetry binds to the SDK once it is installed.
-        state = self._state
+        state, engine = self._state, self._engine()
+        if engine is None:
+            return None
         attributes = {sc.DB_CLIENT_CONNECTION_POOL_NAME: state.name}
         meter_provider = (
             metrics.NoOpMeterProvider()
@@ -136,7 +140,7 @@ class Instrumentation:
         )
         instruments = instruments_for(meter_provider)
         if meters is not Kind.NOOP:
-            reader = PoolReader(self._engine, state, attributes)
+            reader = PoolReader(engine, attributes)
             instruments.add(reader)
             self._reader, self._instruments = reader, instruments
         checkout_spans = None
@@ -146,7 +150,7 @@ class Instrumentation:
             tracer = (self._tracer_provider or trace.get_tracer_provider()).get_tracer(
                 sc.INSTRUMENTATION_SCOPE, __version__
             )
-            checkout_spans = CheckoutSpans(tracer, span_attributes(self._engine.url, state.name))
+            checkout_spans = CheckoutSpans(tracer, span_attributes(self._url, state.name))
         return PoolTelemetry(
             self,
             instruments,

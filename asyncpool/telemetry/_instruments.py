@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -29,7 +29,7 @@ from . import semconv as sc
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from .._pool import FairAsyncPool, PoolState
+    from .._pool import FairAsyncPool
 
 __all__ = ["SPECS", "InstrumentSpec", "PoolInstruments", "PoolReader", "instruments_for"]
 
@@ -153,13 +153,16 @@ _SPEC_BY_NAME: Final = {spec.name: spec for spec in SPECS}
 
 
 class PoolReader:
-    """Reads one engine's pool at collection time (the pool object changes on dispose)."""
+    """Reads one engine's pool at collection time (the pool object changes on dispose).
 
-    __slots__ = ("_engine", "attributes", "idle_attributes", "state", "used_attributes")
+    Holds the engine weakly: the instruments live as long as their meter
+    provider, and must not keep an engine the application dropped alive.
+    """
 
-    def __init__(self, engine: Engine, state: PoolState, attributes: dict[str, Any]) -> None:
+    __slots__ = ("_engine", "attributes", "idle_attributes", "used_attributes")
+
+    def __init__(self, engine: Engine, attributes: dict[str, Any]) -> None:
         self._engine = weakref.ref(engine)
-        self.state = state
         self.attributes = attributes
         self.idle_attributes = {
             **attributes,
@@ -171,6 +174,7 @@ class PoolReader:
         }
 
     def pool(self) -> FairAsyncPool | None:
+        """The engine's current pool; ``None`` once the engine is gone."""
         engine = self._engine()
         if engine is None:
             return None
@@ -208,11 +212,17 @@ class PoolInstruments:
         with self._lock:
             self._readers = tuple(r for r in self._readers if r is not reader)
 
-    def _live(self) -> Iterator[tuple[PoolReader, FairAsyncPool]]:
+    def _live(self) -> list[tuple[PoolReader, FairAsyncPool]]:
+        live, gone = [], []
         for reader in self._readers:  # a snapshot: add/remove replace the tuple
             pool = reader.pool()
-            if pool is not None:
-                yield reader, pool
+            if pool is None:
+                gone.append(reader)
+            else:
+                live.append((reader, pool))
+        for reader in gone:
+            self.remove(reader)
+        return live
 
     def _observe_count(self, options: CallbackOptions) -> Iterable[Observation]:
         out = []
@@ -222,14 +232,14 @@ class PoolInstruments:
         return out
 
     def _observe_max(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(r.state.config.max_size, r.attributes) for r, _ in self._live()]
+        return [Observation(p.state.config.max_size, r.attributes) for r, p in self._live()]
 
     def _observe_idle_max(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(r.state.config.pool_size, r.attributes) for r, _ in self._live()]
+        return [Observation(p.state.config.pool_size, r.attributes) for r, p in self._live()]
 
     def _observe_idle_min(self, options: CallbackOptions) -> Iterable[Observation]:
         return [
-            Observation(r.state.config.effective_min_idle, r.attributes) for r, _ in self._live()
+            Observation(p.state.config.effective_min_idle, r.attributes) for r, p in self._live()
         ]
 
     def _observe_pending(self, options: CallbackOptions) -> Iterable[Observation]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import socket
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -413,3 +415,20 @@ async def test_an_engine_made_before_the_sdk_is_installed_reports_once_it_is(
     assert result["metrics"][f"{sc.DB_CLIENT_CONNECTION_MAX}|{pool}"] == 1
     assert result["metrics"][f"{COUNT}|{pool},{sc.DB_CLIENT_CONNECTION_STATE}=idle"] == 1
     assert result["spans"] == [sc.CHECKOUT_SPAN_NAME]
+
+
+async def test_an_instrumented_engine_that_is_dropped_is_freed_and_leaves_the_metrics(
+    database: TestDatabase, otel: Otel, app_name: str
+) -> None:
+    engine = asyncpool.create_pooled_engine(database.url, name=app_name, application_name=app_name)
+    handle = instrument(engine, otel.meter_provider, otel.tracer_provider)
+    await hold(engine, 0)
+    await engine.dispose()
+    assert otel.points(otel.collect(), COUNT, app_name) != []
+
+    dropped = weakref.ref(engine.sync_engine)
+    del engine
+    gc.collect()
+    assert dropped() is None  # the provider's instruments did not keep it alive
+    assert otel.points(otel.collect(), COUNT, app_name) == []
+    handle.uninstrument()  # harmless after the engine is gone
