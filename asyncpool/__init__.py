@@ -14,6 +14,7 @@ from .errors import PoolTimeoutError as PoolTimeoutError
 from .errors import WrongEventLoopError as WrongEventLoopError
 from .fork import register_engine as register_engine
 from .lifespan import pool_lifespan as pool_lifespan
+from .retry import retry as retry
 from .routing import EngineGroup as EngineGroup
 from .routing import RoutingStatistics as RoutingStatistics
 from .routing import create_analytics_engine as create_analytics_engine
@@ -39,6 +40,7 @@ __all__ = [
     "create_pooled_engine",
     "pool_lifespan",
     "register_engine",
+    "retry",
     "statistics",
     "telemetry",
 ]

@@ -17,6 +17,8 @@ _SQLSTATE_LABELS: Final = {
     "57P01": "admin_shutdown",
     "57P02": "crash_shutdown",
     "57P03": "cannot_connect_now",
+    "57P05": "idle_session_timeout",
+    "25P03": "idle_in_transaction_timeout",
     "25006": "read_only_transaction",
 }
 
@@ -26,6 +28,8 @@ _DISCONNECT_LABELS: Final = frozenset(
         "admin_shutdown",
         "crash_shutdown",
         "cannot_connect_now",
+        "idle_session_timeout",
+        "idle_in_transaction_timeout",
         "connection_exception",
         "connection_closed",
         "read_only_transaction",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -45,6 +46,7 @@ try:  # SQLAlchemy 2.1
     from sqlalchemy.util.concurrency import await_
 except ImportError:  # pragma: no cover - SQLAlchemy 2.0
     from sqlalchemy.util.concurrency import await_only as await_
+from sqlalchemy.util.concurrency import greenlet_spawn
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -78,6 +80,9 @@ _BASE_CREATOR: Final[Any] = Pool.__dict__["_creator"]
 
 #: Handed to a waiter instead of a record: "a connection slot is yours, open one".
 _SLOT: Final = object()
+
+#: Connects whose caller gave up: held here until they finish (see _open_record).
+_connect_tasks: Final[set[asyncio.Task[Any]]] = set()
 
 
 class PoolObserver(Protocol):
@@ -279,6 +284,20 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         """
         return sum(1 for rec in tuple(self._idle) if rec.dbapi_connection is not None)
 
+    def invalidate_idle(self, exception: BaseException) -> int:
+        """Invalidate every idle connection now (aborted, no round trip); how many.
+
+        For errors that condemn the whole server (25006 after a failover):
+        with SQLAlchemy's pool-wide invalidation, checked-out connections are
+        replaced when next checked out; the idle ones go at once.
+        """
+        dropped = 0
+        for rec in tuple(self._idle):
+            if rec.dbapi_connection is not None:
+                rec.invalidate(exception)
+                dropped += 1
+        return dropped
+
     # ---------------------------------------------------------------- checkout
 
     def _do_get(self) -> ConnectionPoolEntry:
@@ -299,6 +318,8 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         ping_error = None
         if self._ping_enabled:
             ping_error = self._maybe_ping(rec)
+        if rec.dbapi_connection is None:  # invalidated earlier, or by the ping
+            rec = self._open_record(rec)
         counters = self._counters
         counters.checkouts += 1
         self._lent.add(rec)
@@ -306,13 +327,45 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             self._track_checkout(rec, started, waited, ping_error)
         return rec
 
-    def _open_record(self) -> ConnectionPoolEntry:
-        """Open a connection in a slot already counted in ``_overflow``."""
+    def _open_record(self, rec: ConnectionPoolEntry | None = None) -> ConnectionPoolEntry:
+        """Open a connection: a new record in a slot already counted in
+        ``_overflow``, or into ``rec``, an empty record (invalidated earlier).
+
+        The connect runs in a task of its own that the caller's cancellation
+        does not reach: a caller that gives up mid-connect (a client
+        disconnect, a deadline shorter than a handshake) leaves the new
+        connection to the next waiter or the idle pool instead of throwing it
+        away, so a storm of short deadlines cannot keep the pool from ever
+        opening one, and asyncpg is never cancelled halfway through a
+        handshake. ``connect_timeout`` bounds the task.
+        """
+        assert self._loop is not None
+        opener = self._create_connection if rec is None else functools.partial(_refill, rec)
+        task = self._loop.create_task(greenlet_spawn(opener))
         try:
-            return self._create_connection()
+            opened: ConnectionPoolEntry = await_(asyncio.shield(task))
         except BaseException:
-            self._release_slot()
+            settle = functools.partial(self._settle_connect, rec)
+            if task.done():
+                settle(task)  # the connect failed: free the slot or the record
+            else:
+                _connect_tasks.add(task)
+                task.add_done_callback(settle)
             raise
+        return opened
+
+    def _settle_connect(
+        self, rec: ConnectionPoolEntry | None, task: asyncio.Task[ConnectionPoolEntry]
+    ) -> None:
+        """A connect failed, or finished after its caller left: pool it or free its place."""
+        _connect_tasks.discard(task)
+        error = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if error is None:
+            self._do_return_conn(task.result())
+        elif rec is None:
+            self._release_slot()
+        else:
+            rec._checkin_failed(error, _fairy_was_created=False)  # type: ignore[attr-defined]
 
     def _wait(self, started: float) -> ConnectionPoolEntry:
         counters = self._counters
@@ -523,8 +576,12 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         if loop is not None and loop.is_closed():
             _abandon(driver)
             return
-        if terminate and driver is not None and hasattr(driver, "terminate"):
-            # Abort the socket: no round trip that a cancellation could interrupt.
+        if driver is not None and hasattr(driver, "terminate"):
+            # Never a round trip, even for a plain close (an overflow
+            # connection given back, dispose): asyncpg's terminate() writes
+            # the Terminate message and closes the socket at once, so the
+            # backend ends cleanly and no cancellation can interrupt a close
+            # halfway (anyio re-cancels at every await of a give-back path).
             self.logger.debug("Terminating connection %r", connection)
             driver.terminate()
             return
@@ -661,6 +718,11 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
     def _notify_failed(self, waited: float, error: BaseException) -> None:
         for observer in self._state.observers:
             observer.checkout_failed(waited, error)
+
+
+def _refill(rec: ConnectionPoolEntry) -> ConnectionPoolEntry:
+    cast(Any, rec).get_connection()  # reconnects an empty record
+    return rec
 
 
 def _expire(waiter: asyncio.Future[Any]) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ._events import install_error_handling
 from ._pgbouncer import pgbouncer_connect_args
 from ._pool import FairAsyncPool, PoolState, next_pool_name
 from .config import PoolConfig, setting_names
@@ -98,6 +99,7 @@ def create_pooled_engine(
         connect_args=connect_args,
         **options,
     )
+    install_error_handling(engine)
     for hook in _engine_hooks:
         if telemetry or not getattr(hook, "is_telemetry", False):
             hook(engine)

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fix_pgbouncer",
     "tests.fix_replica",
     "tests.fix_otlp",
+    "tests.fix_proxy",
 ]
