@@ -175,7 +175,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
     for option, path in targets:
         if not Path(path).resolve().parent.is_dir():
             raise UsageError(f"argument {option}: no such directory for {path!r}")
-    view: View = LiveView(out) if out.is_terminal and not args.plain else PlainLines(out)
+    live = out.is_terminal and out.console is not None and not args.plain
+    view: View = LiveView(out) if live else PlainLines(out)
     out.say(f"asyncpool simulate: {profile.describe()}")
     with open_database(args.url, say=out.say) as db:
         try:
