@@ -605,6 +605,8 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             self._returned = asyncio.Event()
         if self.checkedout() <= 0:
             self._returned.set()
+        else:
+            self._returned.clear()  # a lifespan entered again: not drained yet
         return self._returned
 
     def terminate_lent(self, reason: BaseException, *, idle: bool = False) -> int:

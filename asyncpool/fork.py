@@ -35,7 +35,7 @@ _engines: Final[weakref.WeakSet[AsyncEngine]] = weakref.WeakSet()
 #: ever runs against the parent's sockets or event loop.
 _inherited: Final[list[Any]] = []
 
-_registered_pid: int | None = None
+_hook_installed = False
 
 
 def register_engine(engine: AsyncEngine) -> None:
@@ -44,10 +44,10 @@ def register_engine(engine: AsyncEngine) -> None:
     Called for every engine by ``create_pooled_engine``; call it yourself only
     for an engine built some other way on asyncpool's pool.
     """
-    global _registered_pid
-    if _registered_pid is None:
+    global _hook_installed
+    if not _hook_installed:
         os.register_at_fork(after_in_child=_after_fork_in_child)
-        _registered_pid = os.getpid()
+        _hook_installed = True
     _engines.add(engine)
 
 
