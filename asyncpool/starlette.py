@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .engine import pool_of
+from ._pool import FairAsyncPool
 from .lifespan import DEFAULT_DRAIN_TIMEOUT, DEFAULT_WARM_TIMEOUT, engines_of, pool_lifespan
 from .stats import statistics
 
@@ -76,7 +76,7 @@ def create_lifespan(
         async with pool_lifespan(
             *engines, warm=warm, warm_timeout=warm_timeout, drain_timeout=drain_timeout
         ) as flat:
-            state: dict[str, Any] = {STATE_KEY: {pool_of(e).name: e for e in flat}}
+            state: dict[str, Any] = {STATE_KEY: {_name(e): e for e in flat}}
             if lifespan is None:
                 yield state
                 return
@@ -188,7 +188,7 @@ def health_endpoint(
         failed = [reason for reason in reasons if reason is not None]
         body: dict[str, Any] = {
             "status": "unavailable" if failed else "ok",
-            "pools": {pool_of(e).name: statistics(e).as_dict() for e in targets},
+            "pools": {_name(e): _statistics(e) for e in targets},
         }
         if failed:
             body["reason"] = "; ".join(failed)
@@ -208,20 +208,35 @@ def _engines_from_state(request: Request) -> tuple[AsyncEngine, ...]:
 
 async def _check(engine: AsyncEngine, seconds: float) -> str | None:
     """None when the database answers ``SELECT 1`` within ``seconds``, else why not."""
-    pool = pool_of(engine)
-    if pool.state.closed:
-        return f"pool {pool.name!r} is shutting down"
+    name = _name(engine)
+    pool = engine.sync_engine.pool
+    if isinstance(pool, FairAsyncPool) and pool.state.closed:
+        return f"pool {name!r} is shutting down"
     try:
         with anyio.fail_after(seconds):
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
     except TimeoutError:
-        return f"pool {pool.name!r}: no answer within {seconds:g} s"
+        return f"pool {name!r}: no answer within {seconds:g} s"
     except Exception as exc:
-        reason = f"pool {pool.name!r}: {type(exc).__name__}: {_first_line(exc)}"
+        reason = f"pool {name!r}: {type(exc).__name__}: {_first_line(exc)}"
         password = engine.url.password
         return reason.replace(str(password), "***") if password else reason
     return None
+
+
+def _name(engine: AsyncEngine) -> str:
+    """The pool name; for an engine not on asyncpool's pool (a group's NullPool
+    analytics engine), its logging name or its URL without the password."""
+    pool = engine.sync_engine.pool
+    name = getattr(pool, "name", None) or getattr(pool, "logging_name", None)
+    return str(name) if name else engine.url.render_as_string(hide_password=True)
+
+
+def _statistics(engine: AsyncEngine) -> dict[str, Any]:
+    if isinstance(engine.sync_engine.pool, FairAsyncPool):
+        return statistics(engine).as_dict()
+    return {"pooled": False}
 
 
 def _first_line(exc: BaseException) -> str:

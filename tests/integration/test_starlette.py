@@ -25,7 +25,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from asyncpool import pool_lifespan, statistics
+from asyncpool import (
+    EngineGroup,
+    PoolConfig,
+    create_analytics_engine,
+    pool_lifespan,
+    statistics,
+)
 from asyncpool.embedded import free_port
 from asyncpool.starlette import STATE_KEY, Sessions, create_lifespan, health_endpoint
 from tests.fix_db import EngineFactory, TestDatabase, wait_for_async, wait_until
@@ -324,3 +330,24 @@ async def test_plain_starlette_helper_commits_and_rolls_back(
     assert (await asgi_get(app, "/raise"))[0] == 500
     assert await names_in(database, table) == ["good"]
     assert statistics(engine).checked_out == 0
+
+
+async def test_engine_group_with_an_unpooled_engine_is_served_and_checked(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    primary = make_engine(name="primary", pool_size=2)
+    analytics = create_analytics_engine(
+        database.url, PoolConfig(name="analytics", application_name=app_name)
+    )
+    group = EngineGroup(primary, analytics=analytics)
+    app = Starlette(routes=[Route("/health", health_endpoint())], lifespan=create_lifespan(group))
+    try:
+        async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+            health = await client.get("/health")
+            assert health.status_code == 200
+            pools = health.json()["pools"]
+            assert pools["primary"]["idle"] == 2
+            assert set(pools) == {"primary", "analytics"}
+    finally:
+        await analytics.dispose()
+    assert statistics(primary).size == 0
