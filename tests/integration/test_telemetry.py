@@ -67,7 +67,7 @@ async def test_twenty_tasks_on_two_connections_peak_at_two_used_and_eighteen_pen
     metrics = otel.collect()
     wait_time = otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_WAIT_TIME, app_name)
     assert wait_time.count == 20
-    assert 0.8 <= wait_time.max <= 1.6  # the last of 10 rounds of 100 ms
+    assert 0.85 <= wait_time.max <= 2.0  # the last waits 9 rounds of 100 ms (+ load)
     assert otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_USE_TIME, app_name).count == 20
     assert otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_CREATE_TIME, app_name).count == 2
     assert otel.value(metrics, COUNT, app_name, **USED) == 0
