@@ -123,7 +123,24 @@ def _info(variant: Any, telemetry: Any) -> dict[str, Any]:
         info["asyncpool_file"] = asyncpool.__file__
         info["telemetry_supported"] = variants.telemetry_supported()
         info["options"] = variants.asyncpool_options(variant)
+        info["observers"] = _observers(variant)
     return info
+
+
+def _observers(variant: Any) -> list[str]:
+    """The pool observers a fresh engine of this variant gets (telemetry's hot-path hooks)."""
+    from asyncpool.engine import pool_of
+
+    from . import variants
+
+    async def look() -> list[str]:
+        subject = await variants.open_subject(variant, {"url": "postgresql+asyncpg://u@/db"})
+        try:
+            return [type(o).__name__ for o in pool_of(subject.engine).state.observers]
+        finally:
+            await subject.close()
+
+    return asyncio.run(look())
 
 
 if __name__ == "__main__":

@@ -445,7 +445,8 @@ def _versions(infos: dict[str, Any]) -> dict[str, str]:
             f"api {versions['opentelemetry-api']}, sdk {versions['opentelemetry-sdk']}"
         ),
         "telemetry": "; ".join(
-            f"{v}: {i['telemetry']['meter_provider']}"
+            f"{v}: {i['telemetry']['meter_provider']}, observers "
+            f"[{', '.join(i.get('observers', [])) or 'none'}]"
             for v, i in infos.items()
             if VARIANTS[v].kind == "asyncpool"
         ),

@@ -146,6 +146,15 @@ class EngineSubject(Subject):
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.pooled:
+            # Detach telemetry too, so that the next cell's collection does not
+            # also walk this cell's pool.
+            from asyncpool.engine import pool_of
+
+            for observer in pool_of(self.engine).state.observers:
+                owner = getattr(observer, "owner", None)
+                if owner is not None:
+                    owner.uninstrument()
 
     def stats(self) -> dict[str, Any]:
         if not self.pooled:
