@@ -27,8 +27,9 @@ MAX_OVERFLOW: Final = 20
 TIMEOUT: Final = 2.0
 HOLD: Final = 0.02
 
-#: Which throughput variant stands for each pool in this scenario.
-OVERLOAD_VARIANTS: Final = ("sa", "asyncpg", "ap_default")
+#: Which throughput variant stands for each pool in this scenario (ap_notel
+#: separates the pool from its telemetry: here every checkout queues).
+OVERLOAD_VARIANTS: Final = ("sa", "asyncpg", "ap_default", "ap_notel")
 
 
 async def overload_cell(

@@ -236,7 +236,8 @@ def run(args: argparse.Namespace, plan: dict[str, Any], dsn: str, db: str) -> di
                 "labels": {
                     "sa": "SQLAlchemy AsyncAdaptedQueuePool",
                     "asyncpg": "asyncpg pool (max_size 30)",
-                    "ap_default": "asyncpool (defaults, telemetry on)",
+                    "ap_default": "asyncpool (defaults, telemetry on: SDK)",
+                    "ap_notel": "asyncpool (telemetry=False)",
                 },
             }
         result["overload"] = overload
@@ -289,7 +290,8 @@ def overload_rounds(workers: dict[str, Worker], plan: dict[str, Any]) -> dict[st
     raw: list[dict[str, Any]] = []
     variants = list(OVERLOAD_VARIANTS)
     for r in range(plan["overload_rounds"]):
-        order = variants[r % 3 :] + variants[: r % 3]
+        shift = r % len(variants)
+        order = variants[shift:] + variants[:shift]
         for variant in order:
             cell = workers[variant].ask(
                 "overload", warmup=plan["overload_warmup"], window=plan["overload_window"]
@@ -316,7 +318,8 @@ def reject_rounds(workers: dict[str, Worker], plan: dict[str, Any]) -> dict[str,
     raw: list[dict[str, Any]] = []
     variants = list(REJECT_VARIANTS)
     for r in range(plan["reject_rounds"]):
-        order = variants[r % 2 :] + variants[: r % 2]
+        shift = r % len(variants)
+        order = variants[shift:] + variants[:shift]
         for variant in order:
             cell = workers[variant].ask("reject", spikes=plan["spikes"], gap=SPIKE_GAP)
             raw.append({"variant": variant, "round": r, **cell})
