@@ -49,8 +49,10 @@ _MODES: Final = ("warn", "enforce")
 #: convention of gunicorn/uvicorn deployments.
 _PROCESS_VARIABLES: Final = ("ASYNCPOOL_PROCESSES", "WEB_CONCURRENCY")
 
-#: One round trip: the limits, and who uses the server now (client backends
-#: only: autovacuum, WAL senders and background workers have slots of their own).
+#: One round trip: the limits, and who uses the server now: client backends
+#: (autovacuum, WAL senders and background workers have slots of their own).
+#: A role without pg_read_all_stats sees no backend_type for other roles'
+#: sessions; counting those with a database errs towards "in use".
 _READ_SERVER: Final = text(
     """
     SELECT current_setting('max_connections')::int AS max_connections,
@@ -59,7 +61,8 @@ _READ_SERVER: Final = text(
            count(*) FILTER (WHERE a.application_name = ANY(:names)) AS ours,
            count(*) AS in_use
       FROM pg_stat_activity AS a
-     WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()
+     WHERE a.pid <> pg_backend_pid() AND a.datid IS NOT NULL
+       AND coalesce(a.backend_type, 'client backend') = 'client backend'
     """
 )
 
@@ -228,7 +231,7 @@ async def connection_budget(*engines: Any, processes: int, reserve: int = 0) -> 
 
 
 async def check_budget(
-    engines: Iterable[AsyncEngine],
+    engines: Iterable[Any],
     processes: int | None,
     mode: BudgetMode | None,
     *,
@@ -236,6 +239,7 @@ async def check_budget(
 ) -> ConnectionBudget | None:
     """Check the budget at start-up: ``"warn"`` logs, ``"enforce"`` raises if it does not fit.
 
+    ``engines``: engines and groups, as for ``connection_budget``.
     ``processes=None`` reads ``ASYNCPOOL_PROCESSES``, then ``WEB_CONCURRENCY``,
     else 1. ``mode=None`` checks nothing. Raises ``BudgetExceededError`` with
     the arithmetic and sizes that fit.
