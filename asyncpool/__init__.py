@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from . import telemetry as telemetry
+from .budget import ConnectionBudget as ConnectionBudget
+from .budget import connection_budget as connection_budget
 from .config import PoolConfig as PoolConfig
 from .engine import create_pooled_engine as create_pooled_engine
 from .errors import AsyncPoolError as AsyncPoolError
+from .errors import BudgetExceededError as BudgetExceededError
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DatabaseUnavailableError as DatabaseUnavailableError
 from .errors import PoolClosedError as PoolClosedError
@@ -25,7 +28,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncPoolError",
+    "BudgetExceededError",
     "ConfigurationError",
+    "ConnectionBudget",
     "DatabaseUnavailableError",
     "EngineGroup",
     "PoolClosedError",
@@ -36,6 +41,7 @@ __all__ = [
     "RoutingStatistics",
     "WrongEventLoopError",
     "__version__",
+    "connection_budget",
     "create_analytics_engine",
     "create_pooled_engine",
     "pool_lifespan",
