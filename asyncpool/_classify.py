@@ -32,6 +32,7 @@ _DISCONNECT_LABELS: Final = frozenset(
         "idle_in_transaction_timeout",
         "connection_exception",
         "connection_closed",
+        "protocol_error",
         "read_only_transaction",
     }
 )
@@ -80,6 +81,11 @@ def classify(exc: BaseException) -> str:
             return "connection_closed"
         if name == "InterfaceError" and "closed" in str(current):
             return "connection_closed"
+        if name == "InternalClientError":
+            # asyncpg's protocol lost its place ("cannot switch to state 11;
+            # another operation (2) is in progress"), e.g. a FATAL error from a
+            # killed backend read while idle: the connection cannot be reused.
+            return "protocol_error"
         if isinstance(current, asyncio.CancelledError):
             return "cancelled"
         if isinstance(current, TimeoutError):

@@ -1,4 +1,4 @@
-"""A TCP fault proxy on loopback, between the pool and PostgreSQL.
+"""Faults on demand: a TCP fault proxy on loopback, and a server of our own to restart.
 
 Network faults are reproduced at the socket level, not by mocking the
 driver: the proxy forwards bytes, and on demand stops forwarding without
@@ -7,6 +7,10 @@ failed-over load balancer), resets every connection (RST), or adds latency.
 It runs on threads of its own, so it keeps its behaviour whatever the test's
 event loop is doing, and it is started and stopped by the ``fault_proxy``
 fixture.
+
+Server restarts and server-wide settings (``ALTER SYSTEM``) need a PostgreSQL
+that no other test or engineer shares: ``restartable_server`` is an embedded
+one, restarted with its own ``pg_ctl``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Final
 import pytest
 from sqlalchemy.engine import make_url
 
+from asyncpool.embedded import EmbeddedPostgres
 from tests.fix_db import TestDatabase
 
 #: How often blocked threads look at the stop flag (seconds).
@@ -187,3 +192,10 @@ def proxied_url(database: TestDatabase, proxy: FaultProxy) -> str:
     """The test database URL, routed through ``proxy``."""
     url = make_url(database.url).set(host="127.0.0.1", port=proxy.port)
     return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="module")
+def restartable_server() -> Iterator[TestDatabase]:
+    """An embedded PostgreSQL of the test module's own; ``.server.restart()`` is pg_ctl's."""
+    with EmbeddedPostgres() as server:
+        yield TestDatabase(server.dsn("postgres"), server=server)
