@@ -33,6 +33,14 @@ def _schema(replica_set: ReplicaSet) -> None:
             await conn.execute("CREATE TABLE routing_items (id int PRIMARY KEY)")
         finally:
             await conn.close()
+        replica = await asyncpg.connect(replica_set.replica.dsn())
+        try:
+            exists = "SELECT to_regclass('routing_items') IS NOT NULL"
+            await wait_for_async(
+                lambda: replica.fetchval(exists), what="the table on the replica", within=10
+            )
+        finally:
+            await replica.close()
 
     asyncio.run(create())
 
