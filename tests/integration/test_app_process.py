@@ -135,6 +135,10 @@ async def test_sigterm_with_requests_in_flight_finishes_them_and_exits_cleanly(
         created = await client.post("/users", json={"name": "ada", "email": "ada@example.org"})
         assert created.status_code == 201
         user_id = created.json()["id"]
+        export = await client.get("/users/export")
+        assert [json.loads(line)["email"] for line in export.text.splitlines()] == [
+            "ada@example.org"
+        ]
 
         # Hold the users table so that five requests are stuck in the database.
         admin = await asyncpg.connect(fresh_database)
