@@ -786,9 +786,8 @@ def _caller_stack() -> str:
     parent = greenlet.getcurrent().parent
     if parent is not None and parent.gr_frame is not None:
         frames = list(traceback.extract_stack(parent.gr_frame)) + frames
-    keep = [
-        f
-        for f in frames
-        if "/sqlalchemy/" not in f.filename and "/asyncpool/_pool" not in f.filename
-    ]
-    return "".join(traceback.format_list(keep[-12:]))
+    # The event loop's own frames say nothing about who leaked: drop them,
+    # so the frames kept are the caller's.
+    noise = ("/sqlalchemy/", "/asyncpool/_pool", "/asyncio/")
+    keep = [f for f in frames if not any(part in f.filename for part in noise)]
+    return "".join(traceback.format_list(keep[-12:])).rstrip()
