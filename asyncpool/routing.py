@@ -423,11 +423,10 @@ class EngineGroup:
             self._counters.replica_failures += 1
             if replica.down_until == 0.0:
                 logger.warning(
-                    "engine group: replica %r did not answer (%s: %s); reads go elsewhere, "
+                    "engine group: replica %r did not answer (%s); reads go elsewhere, "
                     "retrying it every %g s",
                     replica.name,
-                    type(exc).__name__,
-                    str(exc).splitlines()[0] if str(exc) else "",
+                    _reason(exc),
                     self.retry_interval,
                 )
             replica.down_until = time.monotonic() + self.retry_interval
@@ -561,6 +560,11 @@ def _engine_name(engine: AsyncEngine) -> str:
     pool = engine.sync_engine.pool
     name = getattr(pool, "name", None) or getattr(pool, "logging_name", None)
     return str(name) if name else engine.url.render_as_string(hide_password=True)
+
+
+def _reason(exc: BaseException) -> str:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
 
 
 def _driver_closed(driver: Any) -> bool:
