@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import math
 import random
@@ -100,7 +99,7 @@ class Retry:
 
     def __call__(self, func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         """Decorate a coroutine function: each call is retried as a whole."""
-        if not inspect.iscoroutinefunction(func):
+        if not callable(func):
             raise TypeError(f"asyncpool.retry decorates coroutine functions, not {func!r}")
 
         @functools.wraps(func)
