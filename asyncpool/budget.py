@@ -338,7 +338,14 @@ def _with_suggestions(budget: ServerBudget) -> ServerBudget:
     cap = budget.available // budget.processes
     engines = budget.engines
     total = sum(e.max_connections for e in engines) or 1
-    shares = [max(1, cap * e.max_connections // total) for e in engines]
+    exact = [cap * e.max_connections / total for e in engines]
+    shares = [max(1, int(x)) for x in exact]
+    # Largest remainder first: hand out what rounding down left over.
+    for index in sorted(range(len(engines)), key=lambda i: int(exact[i]) - exact[i]):
+        if sum(shares) >= cap:
+            break
+        if exact[index] > shares[index]:
+            shares[index] += 1
     while sum(shares) > cap and max(shares) > 1:
         shares[shares.index(max(shares))] -= 1
     suggested = []
