@@ -153,8 +153,8 @@ class RoutingStatistics:
     replica_fallbacks: int
     #: Attempts to reach a replica that failed (each marks it down for ``retry_interval``).
     replica_failures: int
-    #: Statements of read sessions sent to the primary (writes, ``FOR UPDATE``).
-    statements_to_primary: int
+    #: Read sessions moved from a replica to the primary by a write or a locking read.
+    moved_to_primary: int
     #: Names of the replicas skipped right now.
     replicas_down: tuple[str, ...]
 
@@ -171,10 +171,10 @@ class _Replica:
 
 class _Counters:
     __slots__ = (
+        "moved_to_primary",
         "replica_failures",
         "replica_fallbacks",
         "replica_reads",
-        "statements_to_primary",
         "sticky_reads",
     )
 
@@ -183,7 +183,7 @@ class _Counters:
         self.sticky_reads = 0
         self.replica_fallbacks = 0
         self.replica_failures = 0
-        self.statements_to_primary = 0
+        self.moved_to_primary = 0
 
 
 class EngineGroup:
@@ -466,7 +466,7 @@ class EngineGroup:
             sticky_reads=counters.sticky_reads,
             replica_fallbacks=counters.replica_fallbacks,
             replica_failures=counters.replica_failures,
-            statements_to_primary=counters.statements_to_primary,
+            moved_to_primary=counters.moved_to_primary,
             replicas_down=tuple(r.name for r in self._replicas if r.down_until > now),
         )
 
@@ -488,17 +488,22 @@ class _Router:
 
     def bind_for(self, mapper: Any, clause: Any) -> Engine | Connection:
         primary = self.group.primary.sync_engine
-        flushing = clause is None and mapper is not None
-        if flushing or statement_needs_primary(clause, primary.dialect):
-            if self.read_bind is not None:
-                self.group._counters.statements_to_primary += 1
-            if not self.wrote:
-                self.wrote = True
-                self.group.note_write()
-            return primary
+        flushing = clause is None and mapper is not None  # a flush asks with the mapper only
         if self.read_bind is None or self.wrote:
+            # On the primary already: only note a write (a SELECT is not one, so
+            # it need not be compiled to look for FOR UPDATE).
+            if not self.wrote and (flushing or _writes(clause, primary.dialect)):
+                self._wrote()
+            return primary
+        if flushing or statement_needs_primary(clause, primary.dialect):
+            self.group._counters.moved_to_primary += 1
+            self._wrote()
             return primary
         return self.read_bind
+
+    def _wrote(self) -> None:
+        self.wrote = True
+        self.group.note_write()
 
 
 class RoutingSession(Session):
@@ -560,6 +565,13 @@ def _engine_name(engine: AsyncEngine) -> str:
     pool = engine.sync_engine.pool
     name = getattr(pool, "name", None) or getattr(pool, "logging_name", None)
     return str(name) if name else engine.url.render_as_string(hide_password=True)
+
+
+def _writes(statement: Any, dialect: Any) -> bool:
+    """Whether a statement run on the primary writes (marks read-your-writes)."""
+    if isinstance(statement, SelectBase) or statement is None:
+        return False
+    return statement_needs_primary(statement, dialect)
 
 
 def _reason(exc: BaseException) -> str:
