@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -169,7 +170,19 @@ def _asyncpg_url(url: str | URL) -> URL:
             "a PostgreSQL URL on the asyncpg driver (postgresql+asyncpg://...)",
         )
     try:
-        parsed.port  # noqa: B018 - touching it validates the port text
+        port = parsed.port
     except ValueError:
         raise ConfigurationError("url", redact_url(parsed), "a URL with a numeric port") from None
+    if port is not None and not 0 < port < 65536:
+        raise ConfigurationError("url", redact_url(parsed), "a URL with a port from 1 to 65535")
+    try:
+        # What create_async_engine does with the URL (query arguments, several
+        # hosts): refuse now, as a ConfigurationError, what it would refuse.
+        dialect: Any = PGDialect_asyncpg
+        dialect().create_connect_args(parsed)
+    except (ArgumentError, ValueError, TypeError) as exc:
+        reason = str(exc).replace(parsed.password, "***") if parsed.password else str(exc)
+        raise ConfigurationError(
+            "url", redact_url(parsed), f"a URL asyncpg accepts ({reason})"
+        ) from None
     return parsed
