@@ -29,6 +29,7 @@ from sqlalchemy.pool import NullPool
 
 from .engine import pool_of
 from .errors import BudgetExceededError, ConfigurationError
+from .routing import application_name_of
 
 __all__ = [
     "BudgetMode",
@@ -98,7 +99,7 @@ class ServerBudget:
     superuser_reserved_connections: int
     #: ``reserved_connections`` (PostgreSQL 16+), 0 before.
     reserved_connections: int
-    #: Client connections open now that none of these engines opened.
+    #: Client connections open now under none of these engines' ``application_name``.
     in_use_by_others: int
     #: Head-room kept free on purpose (admin sessions, migrations, cron).
     reserve: int
@@ -213,7 +214,7 @@ async def connection_budget(*engines: Any, processes: int, reserve: int = 0) -> 
         )
     servers = []
     for server, shares in by_server.items():
-        names = [share.name for _, share in shares]
+        names = sorted({application_name_of(engine) for engine, _ in shares})
         async with shares[0][0].connect() as conn:
             row = (await conn.execute(_READ_SERVER, {"names": names})).one()
         budget = ServerBudget(

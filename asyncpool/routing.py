@@ -55,6 +55,7 @@ __all__ = [
     "GroupMember",
     "Route",
     "RoutingStatistics",
+    "application_name_of",
     "create_analytics_engine",
     "statement_needs_primary",
 ]
@@ -559,6 +560,17 @@ def create_analytics_engine(
     )
     _unpooled_configs[engine.sync_engine] = config.replace(name=name)
     return engine
+
+
+def application_name_of(engine: AsyncEngine) -> str:
+    """The ``application_name`` the engine's connections report (the pool name unless set)."""
+    if isinstance(engine.sync_engine.pool, NullPool):
+        unpooled = _unpooled_configs.get(engine.sync_engine)
+        if unpooled is not None:
+            return unpooled.application_name or unpooled.name or _engine_name(engine)
+        return _engine_name(engine)
+    pool = pool_of(engine)
+    return pool.state.config.application_name or pool.name
 
 
 def _engine_name(engine: AsyncEngine) -> str:

@@ -121,6 +121,18 @@ async def test_connection_budget_does_the_arithmetic_and_suggests_sizes_that_fit
     assert PROCESSES * sum(e.suggested_max_connections for e in server.engines) <= 14
 
 
+async def test_connections_of_the_fleet_itself_are_not_counted_as_others(
+    small_server: EmbeddedPostgres, admin: asyncpg.Connection
+) -> None:
+    config = PoolConfig(pool_size=2, max_overflow=0, application_name="bud-shared")
+    group = make_group(small_server, "bud-e", config, limit=1)
+    async with pool_lifespan(group):  # 2 warm connections of ours, open now
+        assert await app_backends(admin) == 2
+        budget = await connection_budget(group, processes=PROCESSES)
+    assert budget.servers[0].in_use_by_others == 1  # only the admin session
+    assert budget.fits  # 4 x (2 + 1) = 12 <= 20 - 3 - 2 - 1 = 14
+
+
 async def test_enforce_refuses_to_start_with_the_arithmetic_in_the_message(
     small_server: EmbeddedPostgres, admin: asyncpg.Connection
 ) -> None:
