@@ -135,12 +135,15 @@ class _Attempts:
             if last.error is None:
                 raise StopAsyncIteration  # it succeeded (or raised through the loop)
             delay = self.policy.delay(last.number)
+            # The first line only: SQLAlchemy's message goes on with the SQL
+            # and its parameters, which may hold personal data.
+            reason = str(last.error).partition("\n")[0]
             logger.warning(
                 "attempt %d of %d failed with a disconnect (%s: %s); retrying in %.2f s",
                 last.number,
                 self.policy.attempts,
                 classify(last.error),
-                last.error,
+                reason,
                 delay,
             )
             await asyncio.sleep(delay)

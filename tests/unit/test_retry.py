@@ -12,7 +12,9 @@ import logging
 import math
 import sys
 
+import asyncpg
 import pytest
+from sqlalchemy import exc as sa_exc
 
 import asyncpool
 from asyncpool import ConfigurationError
@@ -159,3 +161,17 @@ def test_bad_settings_are_configuration_errors(settings: dict[str, object]) -> N
 def test_only_callables_can_be_decorated() -> None:
     with pytest.raises(TypeError, match="coroutine functions"):
         asyncpool.retry(42)  # type: ignore[call-overload]
+
+
+async def test_the_retry_log_never_shows_the_statement_parameters(
+    slept: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    orig = asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+    error = sa_exc.DBAPIError.instance(
+        "UPDATE users SET ssn = $1", ("123-45-6789",), orig, asyncpg.PostgresError
+    )
+    with caplog.at_level(logging.WARNING, logger="asyncpool.retry"):
+        await asyncpool.retry(attempts=2)(Flaky(failures=1, error=error))()
+    assert "123-45-6789" in str(error)  # SQLAlchemy's own message has them...
+    (record,) = caplog.records
+    assert "123-45-6789" not in record.getMessage()  # ...the log line does not
