@@ -56,6 +56,8 @@ class Telemetry:
     env: str
     metric_reader: Any = None
     span_exporter: Any = None
+    _collected: Any = None
+    _collect_ms: float = float("nan")
 
     def describe(self) -> dict[str, str]:
         from opentelemetry import metrics, trace
@@ -67,8 +69,20 @@ class Telemetry:
             "sdk_importable": str(_sdk_importable()),
         }
 
+    def collect(self) -> None:
+        """Collect the metrics now, as a periodic exporter would (timed, kept for harvest).
+
+        Called inside the measured window, so work that telemetry defers
+        from the checkout to collection time is still billed to the variant.
+        """
+        if self.metric_reader is None:
+            return
+        started = time.perf_counter()
+        self._collected = self.metric_reader.get_metrics_data()
+        self._collect_ms = 1000 * (time.perf_counter() - started)
+
     def harvest(self, pool_name: str) -> dict[str, Any]:
-        """Collect (timed) and summarise what was recorded for ``pool_name``, then forget spans.
+        """Summarise the last collection for ``pool_name``, then forget the spans.
 
         Histograms give their count, sums their value, gauges their last value;
         only data points with ``pool_name`` among their attribute values count.
@@ -76,10 +90,9 @@ class Telemetry:
         """
         out: dict[str, Any] = {}
         if self.metric_reader is not None:
-            started = time.perf_counter()
-            data = self.metric_reader.get_metrics_data()
-            out["collect_ms"] = round(1000 * (time.perf_counter() - started), 3)
-            out["metrics"] = _summarise(data, pool_name)
+            out["collect_ms"] = round(self._collect_ms, 3)
+            out["metrics"] = _summarise(self._collected, pool_name)
+            self._collected = None
         if self.span_exporter is not None:
             out["spans"] = dict(self.span_exporter.counts)
             self.span_exporter.counts.clear()

@@ -52,6 +52,9 @@ TARGETS: Final = (
     ),
 )
 
+#: "Flat" memory: the soak's second-half RSS slope under 1 byte per checkout.
+FLAT_KIB: Final = 100_000 / 1024
+
 #: Telemetry comparisons shown at every concurrency: (variant, against, label).
 TELEMETRY_COSTS: Final = (
     ("ap_default", "ap_notel", "telemetry on, SDK + in-memory readers"),
@@ -107,7 +110,10 @@ def summarise_rounds(raw: list[dict[str, Any]], metrics: Iterable[str]) -> dict[
 
 
 def verdicts(
-    throughput: dict[str, Any], overload: dict[str, Any], reject: dict[str, Any]
+    throughput: dict[str, Any],
+    overload: dict[str, Any],
+    reject: dict[str, Any],
+    soak: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Each target of issue #8 with the measured value and whether it was reached."""
     out: list[dict[str, Any]] = []
@@ -168,6 +174,19 @@ def verdicts(
                 "verdict": "met" if p99 < 1.0 else "NOT met",
             }
         )
+    soak = soak or {}
+    slope = soak.get("second-half slope", "")
+    if slope:
+        kib = float(slope.split()[0])
+        out.append(
+            {
+                "target": "memory flat over one million checkouts (benchmarks/soak.py)",
+                "goal": f"slope < {FLAT_KIB:.0f} KiB per 100,000 (1 byte per checkout)",
+                "measured": f"peak growth {soak['peak growth']}, slope {slope}",
+                "met": kib < FLAT_KIB,
+                "verdict": "met" if kib < FLAT_KIB else "NOT met",
+            }
+        )
     return out
 
 
@@ -215,18 +234,19 @@ def markdown(result: dict[str, Any]) -> str:
         "load",
     ):
         lines.append(f"| {key} | {meta.get(key, '-')} |")
-    lines += [
-        "",
-        f"Throughput: pool {settings['pool_size']} (no overflow), `SELECT 1` per checkout, "
-        f"{settings['rounds']} interleaved rounds, {settings['warmup']} s warm-up + "
-        f"{settings['window']} s window per cell. Values: median (min-max) over rounds; "
-        "ratios: median (min-max) of per-round paired ratios. CPU = client process CPU "
-        "time / ops.",
-        "",
-    ]
+    lines.append("")
     throughput = result["throughput"]["summary"]
     labels = result["labels"]
-    for conc in settings["concurrency"]:
+    if throughput:
+        lines += [
+            f"Throughput: pool {settings['pool_size']} (no overflow), `SELECT 1` per checkout, "
+            f"{settings['rounds']} interleaved rounds, {settings['warmup']} s warm-up + "
+            f"{settings['window']} s window per cell (telemetry collected inside the window). "
+            "Values: median (min-max) over rounds; ratios: median (min-max) of per-round "
+            "paired ratios. CPU = client process CPU time / ops.",
+            "",
+        ]
+    for conc in settings["concurrency"] if throughput else []:
         lines += [
             f"**Concurrency {conc}**",
             "",
@@ -320,7 +340,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     soak = result.get("soak")
     if soak:
-        lines += [f"**Memory soak** (benchmarks/soak.py, issue #5): {soak}", ""]
+        lines += [f"**Memory soak** (benchmarks/soak.py, issue #5): {soak['summary']}", ""]
     if result.get("targets"):
         lines += [
             "**Targets (issue #8)**",

@@ -60,7 +60,6 @@ def _dispatch(
 ) -> Any:
     from . import variants
 
-    harvest = telemetry.harvest if telemetry.metric_reader is not None else None
     if name == "info":
         return _info(variant, telemetry)
     if name == "throughput":
@@ -71,7 +70,7 @@ def _dispatch(
                 command["concurrency"],
                 command["warmup"],
                 command["window"],
-                harvest,
+                telemetry,
                 checkout_only=command.get("checkout_only", False),
             )
         )

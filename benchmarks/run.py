@@ -1,7 +1,8 @@
 """Run every asyncpool benchmark: one command, one JSON file, one RESULTS.md section.
 
     python benchmarks/run.py            # full run, embedded PostgreSQL (~6 min)
-    python benchmarks/run.py --quick    # a fast sanity run (~1 min), not recorded
+    python benchmarks/run.py --soak     # the same plus the 1M-checkout memory soak (~10 min)
+    python benchmarks/run.py --quick    # a fast sanity run (~40 s), not recorded
     python benchmarks/run.py --url postgresql://user@host:5432/db
 
 Each variant runs in its own worker process (``_worker.py``) so that
@@ -48,7 +49,7 @@ from benchmarks.overload import (  # noqa: E402
 from benchmarks.reject import MAX_WAITING, REJECT_VARIANTS, SPIKE  # noqa: E402
 from benchmarks.variants import BASELINES, POOL_SIZE, VARIANTS  # noqa: E402
 
-#: Settings of a full run (about 6 minutes on 2 cores) and of --quick (about 1).
+#: Settings of a full run (about 6 minutes on 2 cores) and of --quick (about 40 s).
 FULL: Final = {
     "rounds": 7,
     "warmup": 0.3,
@@ -151,7 +152,10 @@ def main() -> None:
     parser.add_argument(
         "--skip", nargs="+", default=[], choices=["throughput", "overload", "reject"]
     )
-    parser.add_argument("--soak", action="store_true", help="also run benchmarks/soak.py (#5)")
+    parser.add_argument(
+        "--soak", action="store_true", help="also run benchmarks/soak.py (issue #5, ~4 min more)"
+    )
+    parser.add_argument("--soak-checkouts", type=int, default=1_000_000)
     parser.add_argument("--record", action="store_true", help="append to RESULTS.md even if quick")
     parser.add_argument(
         "--no-record", action="store_true", help="do not touch RESULTS.md / latest.json"
@@ -256,9 +260,9 @@ def run(args: argparse.Namespace, plan: dict[str, Any], dsn: str, db: str) -> di
         for worker in workers.values():
             worker.close()
     if args.soak:
-        result["soak"] = run_soak(dsn)
+        result["soak"] = run_soak(dsn, args.soak_checkouts)
     result["targets"] = _report.verdicts(
-        result["throughput"]["summary"], overload["summary"], reject["summary"]
+        result["throughput"]["summary"], overload["summary"], reject["summary"], result.get("soak")
     )
     return result
 
@@ -343,22 +347,34 @@ def reject_rounds(workers: dict[str, Worker], plan: dict[str, Any]) -> dict[str,
     return {"raw": raw, "summary": _report.summarise_rounds(raw, metrics)}
 
 
-def run_soak(dsn: str) -> str:
-    """Run the memory soak of issue #5 if it exists; its last output line is the figure."""
+def run_soak(dsn: str, checkouts: int) -> dict[str, Any]:
+    """Run the memory soak of issue #5 (``benchmarks/soak.py``, not ours) and keep its figures."""
     if not SOAK.exists():
-        return "benchmarks/soak.py not present yet"
-    url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+        return {"summary": "benchmarks/soak.py not present"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["DATABASE_URL"] = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+    print(f"soak: {checkouts:,} checkouts through benchmarks/soak.py ...", flush=True)
     proc = subprocess.run(
-        [sys.executable, str(SOAK), "--url", url],
+        [sys.executable, str(SOAK), "--checkouts", str(checkouts)],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         check=False,
     )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    if proc.returncode != 0 or not lines:
-        return f"soak.py failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"
-    return lines[-1]
+    figures = {}
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition("  ")
+        if value.strip():
+            figures[key.strip()] = value.strip()
+    if proc.returncode != 0 or "peak growth" not in figures:
+        return {"summary": f"soak.py failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"}
+    figures["summary"] = (
+        f"{figures.get('checkouts', '?')}: peak RSS growth {figures['peak growth']}, "
+        f"second-half slope {figures.get('second-half slope', '?')}, "
+        f"{figures.get('throughput', '?')}"
+    )
+    return figures
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -439,7 +455,14 @@ def _git_describe() -> str:
 
 
 def _versions(infos: dict[str, Any]) -> dict[str, str]:
-    versions = next(iter(infos.values()))["versions"]
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("sqlalchemy", "asyncpg", "greenlet", "opentelemetry-api", "opentelemetry-sdk"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "-"
     return {
         "sqlalchemy": versions["sqlalchemy"],
         "asyncpg": versions["asyncpg"],

@@ -235,11 +235,16 @@ async def open_subject(
 
 
 async def closed_loop(
-    op: Callable[[], Awaitable[None]], concurrency: int, warmup: float, window: float
+    op: Callable[[], Awaitable[None]],
+    concurrency: int,
+    warmup: float,
+    window: float,
+    collect: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """``concurrency`` tasks running ``op`` back to back, counted over ``window``.
 
     Counting starts after ``warmup``; CPU is the whole process's CPU time.
+    ``collect`` (telemetry collection) runs at the end of the window, inside it.
     """
     done = 0
     stop = False
@@ -256,6 +261,8 @@ async def closed_loop(
         machine0 = _machine_ticks()
         ops0, cpu0, t0 = done, time.process_time(), time.perf_counter()
         await asyncio.sleep(window)
+        if collect is not None:
+            collect()
         ops1, cpu1, t1 = done, time.process_time(), time.perf_counter()
         machine1 = _machine_ticks()
     finally:
@@ -281,22 +288,26 @@ async def throughput_cell(
     concurrency: int,
     warmup: float,
     window: float,
-    harvest: Callable[[str], dict[str, Any]] | None = None,
+    telemetry: Any = None,
     checkout_only: bool = False,
 ) -> dict[str, Any]:
     """One measurement: a fresh pool, a closed loop, the pool disposed.
 
     ``checkout_only`` runs ``async with engine.connect(): pass`` instead of a
     ``SELECT 1``: no I/O at all, so CPU per op is the pool's own cost.
+    ``telemetry`` (``_otel_env.Telemetry``) is collected at the end of the
+    window and summarised into the result.
     """
     gc.collect()
     subject = await open_subject(variant, target)
     op = subject.checkout if checkout_only else subject.op
     try:
-        result: dict[str, Any] = await closed_loop(op, concurrency, warmup, window)
+        recording = telemetry is not None and telemetry.metric_reader is not None
+        collect = telemetry.collect if recording else None
+        result: dict[str, Any] = await closed_loop(op, concurrency, warmup, window, collect)
         result["pool"] = subject.stats()
-        if harvest is not None and subject.name:
-            result["telemetry"] = harvest(subject.name)
+        if recording and subject.name:
+            result["telemetry"] = telemetry.harvest(subject.name)
     finally:
         await subject.close()
     return result
