@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 from opentelemetry import metrics, trace
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -38,6 +38,12 @@ logger = logging.getLogger("asyncpool.telemetry")
 #: queued (with ``slow_threshold`` > 0: that took at least that long), timed
 #: out, was refused or pre-pinged a dead connection. ``all``: every checkout.
 SpanMode = Literal["off", "slow", "all"]
+
+#: Default ``slow_threshold``: a span costs ~20 us, and under steady overload
+#: nearly every checkout queues briefly; spans for waits this long or longer
+#: (plus every timeout, refusal and failed pre-ping) keep traces useful
+#: without taxing each request (benchmarks/RESULTS.md, hot-path profile).
+DEFAULT_SLOW_THRESHOLD: Final = 0.1
 
 
 class Instrumentation:
@@ -180,7 +186,7 @@ def instrument(
     tracer_provider: trace.TracerProvider | None = None,
     *,
     spans: SpanMode = "slow",
-    slow_threshold: float = 0.0,
+    slow_threshold: float = DEFAULT_SLOW_THRESHOLD,
 ) -> Instrumentation:
     """Report an engine's pool through OpenTelemetry: metrics and checkout spans.
 

@@ -370,6 +370,7 @@ async def main(url):
     queued = asyncio.create_task(engine.connect().start())
     while pool_of(engine).waiting == 0:
         await asyncio.sleep(0.005)
+    await asyncio.sleep(0.15)  # a slow checkout: past the default span threshold (0.1 s)
     await first.close()
     await (await queued).close()
     found = {}

@@ -81,7 +81,7 @@ async def test_the_otlp_exporter_delivers_every_pool_metric_and_a_checkout_span(
     )
     try:
         engine = make_engine(pool_size=1, max_overflow=0, pool_timeout=0.3)
-        instrument(engine, meter_provider, tracer_provider)
+        instrument(engine, meter_provider, tracer_provider, slow_threshold=0.0)
         pool = pool_of(engine)
         first = await engine.connect()
 
