@@ -309,7 +309,9 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         waited = False
         if self._idle and not self._waiters:
             rec = self._idle.pop() if self._pool.use_lifo else self._idle.popleft()
-        elif not self._waiters and self._overflow < self._max_overflow:
+        elif not self._waiters and (
+            self._overflow < self._max_overflow or self._max_overflow == -1  # -1: no limit
+        ):
             self._overflow += 1
             rec = self._open_record()
         else:
