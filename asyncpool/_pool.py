@@ -320,6 +320,8 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         ping_error = None
         if self._ping_enabled:
             ping_error = self._maybe_ping(rec)
+        elif self._recycle > -1:
+            self._recycle_due(rec)
         if rec.dbapi_connection is None:  # invalidated earlier, or by the ping
             rec = self._open_record(rec)
         counters = self._counters
@@ -460,12 +462,14 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             or rec.__dict__.get("_ap_returned_conn") is not dbapi_connection
         ):
             return None  # fresh: opened since it was last returned
-        if time.monotonic() - rec.__dict__["_ap_returned_at"] < self._ping_skip:
-            return None
-        if self._recycle > -1 and time.time() - getattr(rec, "starttime", 0.0) > self._recycle:
-            self._counters.recycles += 1
+        if self._recycle_due(rec):
             return None  # about to be replaced by SQLAlchemy's recycle anyway
         driver: Any = cast(Any, dbapi_connection).driver_connection
+        if (
+            time.monotonic() - rec.__dict__["_ap_returned_at"] < self._ping_skip
+            and not driver.is_closed()  # the loop already saw the server hang up
+        ):
+            return None
         self._counters.pre_pings += 1
         try:
             if driver.is_closed():
@@ -492,6 +496,14 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             rec._checkin_failed(exc, _fairy_was_created=False)  # type: ignore[attr-defined]
             raise
         return None
+
+    def _recycle_due(self, rec: ConnectionPoolEntry) -> bool:
+        """SQLAlchemy will replace this connection for age on this checkout (counted)."""
+        if self._recycle > -1 and rec.dbapi_connection is not None:
+            if time.time() - getattr(rec, "starttime", 0.0) > self._recycle:
+                self._counters.recycles += 1
+                return True
+        return False
 
     # ------------------------------------------------------------------ checkin
 

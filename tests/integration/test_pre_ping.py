@@ -10,7 +10,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from asyncpool import statistics
-from tests.fix_db import EngineFactory, TestDatabase
+from asyncpool.engine import pool_of
+from tests.fix_db import EngineFactory, TestDatabase, wait_until
 
 
 async def open_idle_connections(engine: AsyncEngine, count: int) -> set[int]:
@@ -42,19 +43,49 @@ async def test_pre_ping_replaces_terminated_connections_without_an_error(
     assert stats.checked_out == 0
 
 
-async def test_pre_ping_is_skipped_inside_the_skip_window(
+async def test_pre_ping_is_skipped_inside_the_skip_window(make_engine: EngineFactory) -> None:
+    engine = make_engine(pool_size=1, max_overflow=0, pre_ping_skip_window=60)
+    for _ in range(5):
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    assert statistics(engine).pre_pings == 0
+    pinging = make_engine(pool_size=1, max_overflow=0, pre_ping_skip_window=0, name="pinging")
+    for _ in range(5):
+        async with pinging.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    assert statistics(pinging).pre_pings == 4  # every reuse; the first checkout was fresh
+
+
+async def test_a_connection_seen_closed_is_replaced_even_inside_the_skip_window(
     make_engine: EngineFactory, database: TestDatabase, app_name: str
 ) -> None:
-    # Within the window the pool trusts a just-returned connection, so a
-    # backend killed in between is only found by the query itself.
     engine = make_engine(pool_size=1, max_overflow=0, pre_ping_skip_window=60)
     await open_idle_connections(engine, 1)
     await database.terminate(app_name)
-    with pytest.raises(sa_exc.DBAPIError):
-        async with engine.connect() as conn:
+    (idle,) = pool_of(engine)._idle  # the event loop notices the server's goodbye
+    await wait_until(
+        lambda: idle.dbapi_connection.driver_connection.is_closed(), what="asyncpg to see EOF"
+    )
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+    stats = statistics(engine)
+    assert (stats.pre_ping_failures, stats.invalidations) == (1, 1)
+
+
+async def test_a_backend_killed_while_checked_out_fails_only_that_query(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    # No pre-ping can help a connection that dies while lent out: the query
+    # finds it, the connection is invalidated, and the next checkout is fresh.
+    engine = make_engine(pool_size=1, max_overflow=0, pre_ping_skip_window=60)
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+        pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        await database.fetchval("SELECT pg_terminate_backend($1)", pid)
+        with pytest.raises(sa_exc.DBAPIError):
             await conn.execute(text("SELECT 1"))
     assert statistics(engine).pre_ping_failures == 0
-    async with engine.connect() as conn:  # SQLAlchemy invalidated it: the next one is fresh
+    async with engine.connect() as conn:
         assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
 
 
