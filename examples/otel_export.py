@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -41,6 +40,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncpool
+from asyncpool.embedded import database_url
 
 # Each hold is longer than the default span threshold (0.1 s), so every
 # checkout that queues behind one gets a checkout span.
@@ -106,19 +106,6 @@ async def main(url: str) -> None:
         await tight.dispose()
         tracer_provider.shutdown()
         meter_provider.shutdown()
-
-
-@contextlib.contextmanager
-def database_url() -> Iterator[str]:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        yield url
-        return
-    from asyncpool.embedded import EmbeddedPostgres
-
-    print("DATABASE_URL is not set: starting an embedded PostgreSQL ...", flush=True)
-    with EmbeddedPostgres() as server:
-        yield server.url()
 
 
 if __name__ == "__main__":
