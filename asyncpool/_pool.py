@@ -232,6 +232,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         # child can let go of every inherited connection.
         self._lent: set[ConnectionPoolEntry] = set()
         self._returned: asyncio.Event | None = None
+        self._disposed = False  # engine.dispose() replaced this pool: park nothing more
         if first:
             # Listeners follow the pool into recreate() through _dispatch, so
             # register once, on the first pool of the engine.
@@ -317,11 +318,10 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         else:
             waited = True
             rec = self._wait(started)
+        self._drop_if_stale(rec)
         ping_error = None
         if self._ping_enabled:
             ping_error = self._maybe_ping(rec)
-        elif self._recycle > -1:
-            self._recycle_due(rec)
         if rec.dbapi_connection is None:  # invalidated earlier, or by the ping
             rec = self._open_record(rec)
         counters = self._counters
@@ -364,16 +364,28 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         """A connect failed, or finished after its caller left: pool it or free its place."""
         _connect_tasks.discard(task)
         error = asyncio.CancelledError() if task.cancelled() else task.exception()
-        if error is None:
-            self._do_return_conn(task.result())
-        elif rec is None:
-            self._release_slot()
-        else:
-            rec._checkin_failed(error, _fairy_was_created=False)  # type: ignore[attr-defined]
+        try:
+            if error is None:
+                self._do_return_conn(task.result())
+            elif rec is None:
+                self._release_slot()
+            else:
+                rec._checkin_failed(error, _fairy_was_created=False)  # type: ignore[attr-defined]
+        except Exception:
+            # Run by the event loop as a callback: a failing user listener
+            # (checkin, close, invalidate) must not cost the pool its slot.
+            logger.exception("pool %r: settling a finished connect failed", self.name)
+            if rec is None:
+                self._release_slot()
 
     def _wait(self, started: float) -> ConnectionPoolEntry:
         counters = self._counters
-        if self._max_waiting and len(self._waiters) >= self._max_waiting:
+        if (
+            self._max_waiting
+            and len(self._waiters) >= self._max_waiting
+            # waiters that timed out or were cancelled but have not run yet
+            and sum(1 for w in self._waiters if not w.done()) >= self._max_waiting
+        ):
             counters.rejected += 1
             error = self._timeout_error(PoolOverloadedError, 0.0, rejected=True)
             self._notify_failed(0.0, error)
@@ -462,8 +474,6 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             or rec.__dict__.get("_ap_returned_conn") is not dbapi_connection
         ):
             return None  # fresh: opened since it was last returned
-        if self._recycle_due(rec):
-            return None  # about to be replaced by SQLAlchemy's recycle anyway
         driver: Any = cast(Any, dbapi_connection).driver_connection
         if (
             time.monotonic() - rec.__dict__["_ap_returned_at"] < self._ping_skip
@@ -497,13 +507,24 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             raise
         return None
 
-    def _recycle_due(self, rec: ConnectionPoolEntry) -> bool:
-        """SQLAlchemy will replace this connection for age on this checkout (counted)."""
-        if self._recycle > -1 and rec.dbapi_connection is not None:
-            if time.time() - getattr(rec, "starttime", 0.0) > self._recycle:
-                self._counters.recycles += 1
-                return True
-        return False
+    def _drop_if_stale(self, rec: ConnectionPoolEntry) -> None:
+        """Close a connection SQLAlchemy would replace on this checkout.
+
+        Too old (``pool_recycle``) or older than a pool-wide or soft
+        invalidation: closing it here (no round trip) lets ``_open_record``
+        reconnect in its shielded task, instead of SQLAlchemy reconnecting
+        in the caller's task where a cancellation would cut the handshake.
+        """
+        if rec.dbapi_connection is None:
+            return
+        started: float = getattr(rec, "starttime", 0.0)
+        if self._recycle > -1 and time.time() - started > self._recycle:
+            self._counters.recycles += 1
+        elif not (
+            self._invalidate_time > started or getattr(rec, "_soft_invalidate_time", 0) > started
+        ):
+            return
+        rec.close()
 
     # ------------------------------------------------------------------ checkin
 
@@ -522,13 +543,15 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         if self._ping_enabled:
             record._ap_returned_at = time.monotonic()  # type: ignore[attr-defined]
             record._ap_returned_conn = record.dbapi_connection  # type: ignore[attr-defined]
+        if self._state.closed:
+            self.reject_waiters()  # shutting down: nobody is served any more
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(record)
                 return
-        if len(self._idle) < self._pool.maxsize and not self._state.closed:
+        if len(self._idle) < self._pool.maxsize and not (self._state.closed or self._disposed):
             self._idle.append(record)
             return
         try:
@@ -538,6 +561,8 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
 
     def _release_slot(self) -> None:
         """A connection slot came free: give it to the oldest waiter, else shrink."""
+        if self._state.closed:
+            self.reject_waiters()
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
@@ -602,12 +627,25 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         super()._close_connection(connection, terminate=terminate)
 
     def dispose(self) -> None:
+        self._disposed = True
         while self._idle:
             self._idle.popleft().close()
         self._overflow = 0 - self.size()
         self.logger.info("Pool disposed. %s", self.status())
 
     # ---------------------------------------------------------------- shutdown
+
+    def reject_waiters(self) -> int:
+        """Fail every queued checkout with ``PoolClosedError`` (shutdown); how many."""
+        rejected = 0
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(
+                    PoolClosedError(f"pool {self.name!r} closed while this checkout waited")
+                )
+                rejected += 1
+        return rejected
 
     def all_returned(self) -> asyncio.Event:
         """An event set once no connection is lent out (a drain waits on it).
@@ -672,6 +710,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
                     rec.invalidate(OwnerLoopClosed(f"pool {self.name!r}: owner loop closed"))
                     dropped += 1
             self._waiters.clear()  # futures of the dead loop: their tasks are gone
+            self._returned = None  # an asyncio.Event bound to the dead loop
             self._foreign_connections_possible = True
             logger.info(
                 "pool %r: owner event loop closed; dropped %d idle connections", self.name, dropped

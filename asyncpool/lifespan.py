@@ -241,6 +241,7 @@ async def _shutdown(engines: tuple[AsyncEngine, ...], *, drain_timeout: float) -
     pools = [pool_of(engine) for engine in engines]
     for pool in pools:
         pool.state.closed = True
+        pool.reject_waiters()  # queued callers fail now, not after being served late
     cancelled: asyncio.CancelledError | None = None
     try:
         await _drain(pools, drain_timeout)

@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from asyncpool import PoolOverloadedError, PoolTimeoutError, statistics
 from asyncpool.embedded import free_port
-from tests.fix_db import EngineFactory, wait_until
+from asyncpool.engine import pool_of
+from tests.fix_db import EngineFactory, TestDatabase, wait_for_async, wait_until
 
 
 async def checkout(engine: AsyncEngine) -> AsyncConnection:
@@ -211,3 +212,37 @@ async def test_failed_connect_frees_its_slot_for_the_next_caller(
             await engine.connect()
     stats = statistics(engine)
     assert (stats.connect_errors, stats.connects, stats.checked_out, stats.timeouts) == (3, 0, 0, 0)
+
+
+async def test_a_connection_returned_after_dispose_is_closed_not_parked(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    engine = make_engine(pool_size=2, max_overflow=0)
+    conn = await engine.connect()
+    await conn.execute(text("SELECT 1"))
+    old_pool = pool_of(engine)
+    await engine.dispose()  # the engine gets a new pool; this connection is still out
+    await conn.close()
+    assert old_pool.live_idle() == 0
+    await wait_for_async(
+        lambda: _no_backends(database, app_name), what="the backend to end", within=5
+    )
+
+
+async def _no_backends(database: TestDatabase, app_name: str) -> bool:
+    return not await database.backends(app_name)
+
+
+async def test_a_connection_past_pool_recycle_is_replaced_and_counted(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine(pool_size=1, max_overflow=0, pool_recycle=0.05)
+    query = text("SELECT pg_backend_pid()")
+    async with engine.connect() as conn:
+        first = (await conn.execute(query)).scalar_one()
+    await asyncio.sleep(0.1)  # the connection ages past pool_recycle: the behaviour under test
+    async with engine.connect() as conn:
+        second = (await conn.execute(query)).scalar_one()
+    assert first != second
+    stats = statistics(engine)
+    assert (stats.recycles, stats.connects, stats.pre_ping_failures) == (1, 2, 0)

@@ -182,6 +182,30 @@ async def test_stragglers_are_terminated_after_drain_timeout(
     assert statistics(engine).checked_out == 0
 
 
+async def test_shutdown_fails_queued_checkouts_instead_of_serving_them_late(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine(pool_size=1, max_overflow=0, pool_timeout=10)
+    lifespan = pool_lifespan(engine, drain_timeout=5)
+    await lifespan.__aenter__()
+    holder = await engine.connect()
+    await holder.execute(text("SELECT 1"))
+
+    async def queued() -> None:
+        async with engine.connect():
+            pass
+
+    waiter = asyncio.create_task(queued())
+    await wait_until(lambda: statistics(engine).waiting == 1, what="a queued checkout")
+    shutdown = asyncio.create_task(lifespan.__aexit__(None, None, None))
+    with pytest.raises(PoolClosedError):
+        await asyncio.wait_for(waiter, 2)  # at once, not after the holder is done
+    await holder.close()  # in-flight work still finishes within drain_timeout
+    await asyncio.wait_for(shutdown, 5)
+    stats = statistics(engine)
+    assert (stats.connects, stats.checked_out, stats.waiting) == (1, 0, 0)
+
+
 async def test_lifespan_can_be_entered_again_after_it_ended(make_engine: EngineFactory) -> None:
     engine = make_engine(pool_size=1)
     async with pool_lifespan(engine):
