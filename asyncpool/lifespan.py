@@ -172,8 +172,10 @@ async def _warm(engine: AsyncEngine, deadline: float, warm_timeout: float) -> No
         raise first from first.__cause__
     finally:
         held.extend(t.result() for t in tasks if _succeeded(t))
-        for conn in held:
-            await conn.close()
+        if held:
+            # Shielded: a cancellation (anyio re-cancels at every await) must
+            # not leave the warm-up connections checked out.
+            await asyncio.shield(asyncio.gather(*(conn.close() for conn in held)))
     logger.info("pool %r: warm, %d connections open", pool.name, wanted)
 
 
