@@ -36,11 +36,19 @@ TARGETS: Final = (
     ),
     (
         "ap_default",
+        "ap_notel_sdk",
+        "cpu_us_op",
+        1.05,
+        "max",
+        "telemetry on (SDK) vs off, SDK installed in both, client CPU/op, c10 (cost <= 5%)",
+    ),
+    (
+        "ap_default",
         "ap_notel",
         "cpu_us_op",
         1.05,
         "max",
-        "telemetry on (SDK) vs off, client CPU/op, c10 (cost <= 5%)",
+        "telemetry on (SDK) vs off without any SDK in the process, client CPU/op, c10",
     ),
     (
         "ap_noop",
@@ -58,6 +66,9 @@ FLAT_KIB: Final = 100_000 / 1024
 #: Telemetry comparisons shown at every concurrency: (variant, against, label).
 TELEMETRY_COSTS: Final = (
     ("ap_default", "ap_notel", "telemetry on, SDK + in-memory readers"),
+    ("ap_public_record", "ap_notel", "telemetry on, SDK, histograms via public record()"),
+    ("ap_default", "ap_notel_sdk", "telemetry on vs off, both with the SDK installed"),
+    ("ap_notel_sdk", "ap_notel", "telemetry off, SDK installed vs not (the SDK's own cost)"),
     ("ap_noop", "ap_notel", "telemetry on, no SDK (no-op API)"),
     ("ap_unset", "ap_notel", "telemetry on, SDK importable, no provider set"),
     ("ap_ping_always", "ap_notel", "pre-ping on every checkout (skip window 0)"),

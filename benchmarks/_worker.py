@@ -135,11 +135,20 @@ def _observers(variant: Any) -> list[str]:
     async def look() -> list[str]:
         subject = await variants.open_subject(variant, {"url": "postgresql+asyncpg://u@/db"})
         try:
-            return [type(o).__name__ for o in pool_of(subject.engine).state.observers]
+            return [_describe(o) for o in pool_of(subject.engine).state.observers]
         finally:
             await subject.close()
 
     return asyncio.run(look())
+
+
+def _describe(observer: Any) -> str:
+    """An observer's class, and for PoolTelemetry which histogram path it records through."""
+    name = type(observer).__name__
+    record = getattr(observer, "_record_wait", None)
+    if record is not None:
+        name += "(bound histograms)" if hasattr(record, "bound") else "(public record)"
+    return name
 
 
 if __name__ == "__main__":

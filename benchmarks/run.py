@@ -81,6 +81,7 @@ class Worker:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         env[DSN_VARIABLE] = dsn  # not on the command line, where ps would show a password
+        env.update(VARIANTS[variant].environ)
         self.variant = variant
         self.process = subprocess.Popen(
             [sys.executable, "-m", "benchmarks._worker", "--variant", variant],

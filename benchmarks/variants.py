@@ -35,6 +35,8 @@ class Variant:
     env: str
     kind: str  # "asyncpg" | "sqlalchemy" | "asyncpool"
     options: tuple[tuple[str, Any], ...] = ()
+    #: Extra environment variables for the variant's worker process.
+    environ: tuple[tuple[str, str], ...] = ()
 
 
 VARIANTS: Final[dict[str, Variant]] = {
@@ -56,9 +58,23 @@ VARIANTS: Final[dict[str, Variant]] = {
             "asyncpool",
         ),
         Variant(
+            "ap_public_record",
+            "asyncpool defaults, histograms through the public Histogram.record",
+            "sdk",
+            "asyncpool",
+            environ=(("ASYNCPOOL_OTEL_BOUND_HISTOGRAMS", "0"),),
+        ),
+        Variant(
             "ap_notel",
             "asyncpool, telemetry=False",
             "plain",
+            "asyncpool",
+            (("telemetry", False),),
+        ),
+        Variant(
+            "ap_notel_sdk",
+            "asyncpool, telemetry=False, in a process with the OTel SDK installed",
+            "sdk",
             "asyncpool",
             (("telemetry", False),),
         ),

@@ -1,7 +1,7 @@
 """The pool observers: what runs inside checkouts and checkins.
 
 ``PoolTelemetry`` is the one that records. Its per-checkout work is one
-histogram record with an attribute dict built once per pool, and two float
+record into a histogram bound to the pool's attributes, and two float
 comparisons that decide whether a span is wanted; everything else (spans,
 counters, per-reason attributes) runs only on the rare paths.
 
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import PoolOverloadedError
 from . import semconv as sc
+from ._bound import BoundHistogram, bind_histogram
 from ._providers import GlobalsWatch
 from ._spans import error_type
 
@@ -73,8 +74,10 @@ class PoolTelemetry:
         self.owner = owner
         self._attributes = attributes
         # Bound methods looked up once: the hot path makes no attribute chase.
-        self._record_wait = instruments.wait_time.record
-        self._record_use = instruments.use_time.record
+        # The two histograms fed on every checkout skip the SDK's per-call
+        # attribute work (see _bound); the rest use the public API.
+        self._record_wait = bind_histogram(instruments.wait_time, attributes)
+        self._record_use = bind_histogram(instruments.use_time, attributes)
         self._record_create = instruments.create_time.record
         self._add_timeout = instruments.timeouts.add
         self._add_rejected = instruments.rejected.add
@@ -98,9 +101,17 @@ class PoolTelemetry:
         else:
             self._span_after, self._span_unqueued = slow_threshold, slow_threshold > 0
 
+    def flushes(self) -> tuple[Callable[[], None], ...]:
+        """What the collection must call first: the pre-aggregating histograms' ``flush``."""
+        return tuple(
+            record.flush
+            for record in (self._record_wait, self._record_use)
+            if isinstance(record, BoundHistogram)
+        )
+
     def checked_out(self, wait: float, waited: bool, ping_error: BaseException | None) -> None:
         try:
-            self._record_wait(wait, self._attributes)
+            self._record_wait(wait)
             if ping_error is not None:
                 self._add_ping_failure(1, self._attributes)
                 if self._spans is not None:
@@ -125,7 +136,7 @@ class PoolTelemetry:
 
     def checked_in(self, use: float) -> None:
         try:
-            self._record_use(use, self._attributes)
+            self._record_use(use)
         except Exception:
             logger.debug("telemetry failed to record a checkin", exc_info=True)
 

@@ -68,6 +68,9 @@ async def test_twenty_tasks_on_two_connections_peak_at_two_used_and_eighteen_pen
     wait_time = otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_WAIT_TIME, app_name)
     assert wait_time.count == 20
     assert 0.85 <= wait_time.max <= 2.0  # the last waits 9 rounds of 100 ms (+ load)
+    # ...pre-aggregated by the pool and merged at each collection (telemetry/_bound.py).
+    (observer,) = pool_of(engine).state.observers
+    assert observer._record_wait.mode == observer._record_use.mode == "local"
     assert otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_USE_TIME, app_name).count == 20
     assert otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_CREATE_TIME, app_name).count == 2
     assert otel.value(metrics, COUNT, app_name, **USED) == 0
@@ -302,6 +305,19 @@ async def test_an_engine_is_instrumented_once_and_uninstrument_stops_reporting(
     metrics = otel.collect()
     assert otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_WAIT_TIME, app_name).count == 1
     assert otel.points(metrics, COUNT, app_name) == []
+
+
+async def test_checkouts_recorded_just_before_uninstrument_are_still_reported(
+    make_engine: EngineFactory, otel: Otel, app_name: str
+) -> None:
+    engine = make_engine(pool_size=1, max_overflow=0)
+    handle = instrument(engine, otel.meter_provider, otel.tracer_provider)
+    for _ in range(3):
+        await hold(engine, 0)
+    handle.uninstrument()  # before any collection
+    metrics = otel.collect()
+    assert otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_WAIT_TIME, app_name).count == 3
+    assert otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_USE_TIME, app_name).count == 3
 
 
 async def test_telemetry_false_leaves_the_pool_without_observers(
