@@ -119,10 +119,10 @@ class Instrumentation:
     def _detach(self) -> None:
         if self._observer is not None:
             self._state.remove_observer(self._observer)
+            if isinstance(self._observer, PoolTelemetry):
+                self._observer.flush()  # what was recorded is still reported
             self._observer = None
         if self._reader is not None and self._instruments is not None:
-            for flush in self._reader.flushes:  # what was recorded is still reported
-                flush()
             self._instruments.remove(self._reader)
         self._reader = self._instruments = None
 
@@ -159,7 +159,7 @@ class Instrumentation:
                 sc.INSTRUMENTATION_SCOPE, __version__
             )
             checkout_spans = CheckoutSpans(tracer, span_attributes(self._url, state.name))
-        telemetry = PoolTelemetry(
+        return PoolTelemetry(
             self,
             instruments,
             attributes,
@@ -167,9 +167,6 @@ class Instrumentation:
             span_all=self._spans == "all",
             slow_threshold=self._slow_threshold,
         )
-        if self._reader is not None:
-            self._reader.flushes = telemetry.flushes()
-        return telemetry
 
     def _activate(self) -> PoolObserver | None:
         """Called by ``Pending`` once a global provider is installed: swap in the real one."""

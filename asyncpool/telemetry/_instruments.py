@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -25,6 +25,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from . import semconv as sc
+from ._bound import flush_all
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -159,13 +160,11 @@ class PoolReader:
     provider, and must not keep an engine the application dropped alive.
     """
 
-    __slots__ = ("_engine", "attributes", "flushes", "idle_attributes", "used_attributes")
+    __slots__ = ("_engine", "attributes", "idle_attributes", "used_attributes")
 
     def __init__(self, engine: Engine, attributes: dict[str, Any]) -> None:
         self._engine = weakref.ref(engine)
         self.attributes = attributes
-        #: Called before each collection: the pool's pre-aggregated histograms.
-        self.flushes: tuple[Callable[[], None], ...] = ()
         self.idle_attributes = {
             **attributes,
             sc.DB_CLIENT_CONNECTION_STATE: sc.DB_CLIENT_CONNECTION_STATE_IDLE,
@@ -215,17 +214,16 @@ class PoolInstruments:
             self._readers = tuple(r for r in self._readers if r is not reader)
 
     def _live(self) -> list[tuple[PoolReader, FairAsyncPool]]:
-        """The pools still alive, their pre-aggregated histograms handed to the SDK.
+        """The pools still alive; first, the pre-aggregated histograms go to the SDK.
 
         Every observable callback calls this, and the SDK runs the callbacks
         before it collects the synchronous instruments, so the histograms'
         aggregations are complete when collected (the first callback of a
         collection flushes; the others find nothing left).
         """
+        flush_all()
         live, gone = [], []
         for reader in self._readers:  # a snapshot: add/remove replace the tuple
-            for flush in reader.flushes:
-                flush()
             pool = reader.pool()
             if pool is None:
                 gone.append(reader)

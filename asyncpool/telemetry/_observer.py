@@ -101,13 +101,11 @@ class PoolTelemetry:
         else:
             self._span_after, self._span_unqueued = slow_threshold, slow_threshold > 0
 
-    def flushes(self) -> tuple[Callable[[], None], ...]:
-        """What the collection must call first: the pre-aggregating histograms' ``flush``."""
-        return tuple(
-            record.flush
-            for record in (self._record_wait, self._record_use)
-            if isinstance(record, BoundHistogram)
-        )
+    def flush(self) -> None:
+        """Hand the pre-aggregated histogram values to the SDK now (before detaching)."""
+        for record in (self._record_wait, self._record_use):
+            if isinstance(record, BoundHistogram):
+                record.flush()
 
     def checked_out(self, wait: float, waited: bool, ping_error: BaseException | None) -> None:
         try:

@@ -9,6 +9,9 @@ every collection except timestamps.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +32,7 @@ from opentelemetry.sdk.metrics.view import (
     View,
 )
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
 from asyncpool.telemetry import _bound
 from asyncpool.telemetry._bound import DISABLE_ENV, BoundHistogram, bind_histogram
@@ -222,31 +226,44 @@ def test_collections_between_records_do_not_lose_or_repeat_values(name: str) -> 
     assert {r.mode for r in recorders} == {"local"}
 
 
-def test_exemplars_carry_the_recording_span_like_the_public_path() -> None:
-    tracer = TracerProvider().get_tracer("test")
+@pytest.mark.parametrize(
+    "exemplar_filter", [None, AlwaysOnExemplarFilter()], ids=["trace_based", "always_on"]
+)
+def test_exemplars_and_points_match_the_public_path_in_and_out_of_spans(
+    exemplar_filter: ExemplarFilter | None,
+) -> None:
+    sampled = TracerProvider(sampler=ALWAYS_ON).get_tracer("sampled")
+    unsampled = TracerProvider(sampler=ALWAYS_OFF).get_tracer("unsampled")
 
-    def feed_in_spans(record: Callable[[float, dict[str, Any]], None]) -> None:
+    def feed_in_and_out_of_spans(record: Callable[[float, dict[str, Any]], None]) -> None:
         for index, value in enumerate(VALUES):
-            # Fixed ids would be nicer; the span's ids differ per run, so
-            # compare exemplar counts and values, and that each has a trace.
+            tracer = (sampled, unsampled, None)[index % 3]
+            if tracer is None:
+                record(value, POOL_A)
+                continue
             with tracer.start_as_current_span(f"checkout {index}"):
                 record(value, POOL_A)
 
     public, bound, recorders = run_both(
-        setup(exemplar_filter=AlwaysOnExemplarFilter()), feed_in_spans
+        setup(exemplar_filter=exemplar_filter), feed_in_and_out_of_spans
     )
 
-    def exemplar_summary(exports: list[Any]) -> list[Any]:
-        summary = []
+    def split(exports: list[Any]) -> tuple[list[Any], list[Any]]:
+        """(each point without its exemplars, each point's exemplars as (value, has a trace))."""
+        without, exemplars = [], []
         for _name, _unit, _kind, points in exports[-1]:
             for point in points:
-                exemplars = dict(point)["exemplars"]
-                assert exemplars, "no exemplar was sampled"
-                summary.append(sorted(value for _attrs, value, _span, trace in exemplars if trace))
-        return summary
+                fields = dict(point)
+                exemplars.append(sorted((e[1], bool(e[3])) for e in fields.pop("exemplars")))
+                without.append(fields)
+        return without, exemplars
 
-    assert exemplar_summary(bound) == exemplar_summary(public)
-    assert all(r.bound for r in recorders)
+    assert split(bound) == split(public)
+    (exemplars,) = split(public)[1]
+    if exemplar_filter is None:  # trace_based: only values recorded in a sampled span
+        assert exemplars and all(traced for _value, traced in exemplars)
+        assert {v for v, _ in exemplars} <= set(VALUES[0::3])
+    assert {r.mode for r in recorders} == {"local"}
 
 
 def only_point(reader: InMemoryMetricReader, *recorders: BoundHistogram) -> Any:
@@ -322,7 +339,7 @@ def test_a_surprise_at_record_time_switches_to_the_public_path_for_good() -> Non
     record = BoundHistogram(provider.get_meter("m").create_histogram(NAME), POOL_A)
     record(1.0)
     assert record.bound
-    record._exemplar_filter = None  # an SDK internal not as expected
+    record._instrument = None  # an SDK internal not as expected
     record(100.0)  # lost: never counted twice
     assert not record.bound
     record(2.0)
@@ -344,6 +361,66 @@ def test_a_failed_flush_drops_only_what_it_held_and_switches_to_the_public_path(
     record(2.0)
     point = only_point(reader, record)
     assert (point.count, point.sum) == (1, 2.0)
+
+
+@pytest.mark.parametrize("temporality", ["cumulative", "delta"])
+def test_a_series_starts_at_its_first_value_not_at_the_collection(temporality: str) -> None:
+    reader = InMemoryMetricReader(preferred_temporality=DELTA if temporality == "delta" else {})
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    record = BoundHistogram(provider.get_meter("m").create_histogram(NAME), POOL_A)
+    before = time.time_ns()
+    record(0.5)
+    after = time.time_ns()
+    point = only_point(reader, record)
+    assert record.mode == "local"
+    assert before <= point.start_time_unix_nano <= after
+
+
+#: Engine A reports through the global proxy (metrics not installed yet),
+#: engine B through provider P, which is then installed globally: the SDK
+#: drops the callbacks of A's (duplicate) observable instruments, so A's
+#: histograms must be flushed by B's collection.
+PROXY_THEN_INSTALLED = """
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from asyncpool.engine import create_pooled_engine, pool_of
+from asyncpool.telemetry import instrument
+
+trace.set_tracer_provider(TracerProvider())
+url = "postgresql+asyncpg://u@127.0.0.1:1/db"  # never connected to
+a = create_pooled_engine(url, telemetry=False, name="A")
+b = create_pooled_engine(url, telemetry=False, name="B")
+instrument(a)
+reader = InMemoryMetricReader()
+provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+instrument(b, meter_provider=provider)
+metrics.set_meter_provider(provider)
+for engine in (a, b):
+    for observer in pool_of(engine).state.observers:
+        observer.checked_out(0.002, False, None)
+        observer.checked_in(0.01)
+seen = {}
+for rm in reader.get_metrics_data().resource_metrics:
+    for sm in rm.scope_metrics:
+        for metric in sm.metrics:
+            if metric.name == "db.client.connection.wait_time":
+                for point in metric.data.data_points:
+                    seen[point.attributes["db.client.connection.pool.name"]] = point.count
+print(sorted(seen.items()))
+"""
+
+
+def test_histograms_of_pools_whose_callbacks_the_sdk_dropped_are_still_flushed() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", PROXY_THEN_INSTALLED],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.strip() == "[('A', 1), ('B', 1)]", result.stderr
 
 
 def test_the_environment_switch_keeps_the_public_api(monkeypatch: pytest.MonkeyPatch) -> None:
