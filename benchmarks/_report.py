@@ -65,13 +65,13 @@ FLAT_KIB: Final = 100_000 / 1024
 
 #: Telemetry comparisons shown at every concurrency: (variant, against, label).
 TELEMETRY_COSTS: Final = (
-    ("ap_default", "ap_notel", "telemetry on, SDK + in-memory readers"),
-    ("ap_public_record", "ap_notel", "telemetry on, SDK, histograms via public record()"),
-    ("ap_default", "ap_notel_sdk", "telemetry on vs off, both with the SDK installed"),
-    ("ap_notel_sdk", "ap_notel", "telemetry off, SDK installed vs not (the SDK's own cost)"),
-    ("ap_noop", "ap_notel", "telemetry on, no SDK (no-op API)"),
-    ("ap_unset", "ap_notel", "telemetry on, SDK importable, no provider set"),
-    ("ap_ping_always", "ap_notel", "pre-ping on every checkout (skip window 0)"),
+    ("ap_default", "ap_notel", "telemetry on, SDK + in-memory readers, vs off"),
+    ("ap_public_record", "ap_notel", "same, histograms via public record(), vs off"),
+    ("ap_default", "ap_notel_sdk", "telemetry on vs off, SDK installed in both processes"),
+    ("ap_notel_sdk", "ap_notel", "telemetry off: SDK installed vs not"),
+    ("ap_noop", "ap_notel", "telemetry on, no SDK (no-op API), vs off"),
+    ("ap_unset", "ap_notel", "telemetry on, SDK importable, no provider set, vs off"),
+    ("ap_ping_always", "ap_notel", "pre-ping on every checkout (skip window 0), vs off"),
 )
 
 
@@ -125,9 +125,24 @@ def verdicts(
     overload: dict[str, Any],
     reject: dict[str, Any],
     soak: dict[str, Any] | None = None,
+    telemetry_ab: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Each target of issue #8 with the measured value and whether it was reached."""
     out: list[dict[str, Any]] = []
+    ab = (telemetry_ab or {}).get("select", {}).get("on")
+    if ab:
+        med, low, high = (ab["vs_off"][k] for k in ("median", "min", "max"))
+        out.append(
+            {
+                "target": "telemetry on (SDK) vs off, one-process A/B (telemetry_ab.py), "
+                "client CPU/op, SELECT 1, c10 (cost <= 5%)",
+                "goal": "<= 1.05x",
+                "measured": f"{med:.3f}x ({low:.2f}-{high:.2f})",
+                "met": med <= 1.05,
+                "verdict": ("met" if med <= 1.05 else "NOT met")
+                + ("" if (high <= 1.05 if med <= 1.05 else low > 1.05) else " (within noise)"),
+            }
+        )
     for variant, base, metric, goal, kind, label in TARGETS:
         ratio = throughput.get(variant, {}).get(10, {}).get(f"vs_{base}", {}).get(metric)
         if ratio is None:
@@ -293,11 +308,11 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{100 * (cpu['max'] - 1):+.0f}) / {100 * (ops['median'] - 1):+.1f}%"
             )
         if any(c != "-" for c in cells):
-            cost_rows.append(f"| {label} vs telemetry off | " + " | ".join(cells) + " |")
+            cost_rows.append(f"| {label} | " + " | ".join(cells) + " |")
     if cost_rows:
         header = " | ".join(f"c{c}: CPU/op (range) / ops/s" for c in settings["concurrency"])
         lines += [
-            "**What telemetry and the pre-ping cost** (against asyncpool with telemetry off)",
+            "**What telemetry and the pre-ping cost** (paired per round: CPU per op, ops/s)",
             "",
             f"| comparison | {header} |",
             "|---|" + "--:|" * len(settings["concurrency"]),
@@ -349,6 +364,18 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_fmt(s['reject_cpu_p99_ms']['median'], 3)} | {_span(s['answered_p99_ms'], 2)} |"
             )
         lines.append("")
+    ab = result.get("telemetry_ab")
+    if ab and "select" in ab:
+        from .telemetry_ab import table
+
+        lines += [
+            f"**Telemetry cost, one process A/B** (benchmarks/telemetry_ab.py: three engines in "
+            f"one process with the SDK installed, {ab.get('rounds', '?')} rotating rounds, "
+            "c10, ratios paired per round)",
+            "",
+            table(ab),
+            "",
+        ]
     soak = result.get("soak")
     if soak:
         lines += [f"**Memory soak** (benchmarks/soak.py, issue #5): {soak['summary']}", ""]

@@ -27,6 +27,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,7 @@ FULL: Final = {
     "overload_window": 5.0,
     "reject_rounds": 3,
     "spikes": 20,
+    "ab_rounds": 25,
 }
 QUICK: Final = {
     "rounds": 2,
@@ -69,6 +71,7 @@ QUICK: Final = {
     "overload_window": 2.5,
     "reject_rounds": 1,
     "spikes": 5,
+    "ab_rounds": 3,
 }
 SPIKE_GAP: Final = 0.1
 SOAK: Final = HERE / "soak.py"
@@ -151,7 +154,10 @@ def main() -> None:
     )
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument(
-        "--skip", nargs="+", default=[], choices=["throughput", "overload", "reject"]
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=["throughput", "overload", "reject", "telemetry_ab"],
     )
     parser.add_argument(
         "--soak", action="store_true", help="also run benchmarks/soak.py (issue #5, ~4 min more)"
@@ -260,10 +266,16 @@ def run(args: argparse.Namespace, plan: dict[str, Any], dsn: str, db: str) -> di
     finally:
         for worker in workers.values():
             worker.close()
+    if "telemetry_ab" not in args.skip:
+        result["telemetry_ab"] = run_telemetry_ab(dsn, plan["ab_rounds"])
     if args.soak:
         result["soak"] = run_soak(dsn, args.soak_checkouts)
     result["targets"] = _report.verdicts(
-        result["throughput"]["summary"], overload["summary"], reject["summary"], result.get("soak")
+        result["throughput"]["summary"],
+        overload["summary"],
+        reject["summary"],
+        result.get("soak"),
+        result.get("telemetry_ab"),
     )
     return result
 
@@ -346,6 +358,35 @@ def reject_rounds(workers: dict[str, Worker], plan: dict[str, Any]) -> dict[str,
         "answered_p99_ms",
     )
     return {"raw": raw, "summary": _report.summarise_rounds(raw, metrics)}
+
+
+def run_telemetry_ab(dsn: str, rounds: int) -> dict[str, Any]:
+    """Run ``benchmarks/telemetry_ab.py`` (telemetry on/off in one process) and keep its result."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env[DSN_VARIABLE] = dsn  # not on the command line, where ps would show a password
+    print(f"telemetry A/B in one process, {rounds} rounds ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ab.json"
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "telemetry_ab.py"),
+                "--rounds",
+                str(rounds),
+                "--json",
+                str(out),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0 or not out.exists():
+            return {"error": f"telemetry_ab.py failed ({proc.returncode}): {proc.stderr[-300:]}"}
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
 
 
 def run_soak(dsn: str, checkouts: int) -> dict[str, Any]:
