@@ -318,10 +318,25 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         else:
             waited = True
             rec = self._wait(started)
-        self._drop_if_stale(rec)
+        # The two checks every checkout makes, inline (they run thousands of
+        # times a second; the calls cost more than the tests): is the
+        # connection due for replacement, and does it need a pre-ping?
+        if rec.dbapi_connection is not None:
+            born = rec.starttime  # type: ignore[attr-defined]
+            if (
+                (self._recycle > -1 and time.time() - born > self._recycle)
+                or self._invalidate_time > born
+                or rec._soft_invalidate_time > born  # type: ignore[attr-defined]
+            ):
+                self._drop_stale(rec)
         ping_error = None
         if self._ping_enabled:
-            ping_error = self._maybe_ping(rec)
+            # (connection, its driver, when) as it was parked; a connection
+            # opened since (None, or another) is fresh and needs no ping.
+            parked = rec.__dict__.get("_ap_parked")
+            if parked is not None and parked[0] is rec.dbapi_connection:
+                if time.monotonic() - parked[2] >= self._ping_skip or parked[1].is_closed():
+                    ping_error = self._ping(rec, parked[1])
         if rec.dbapi_connection is None:  # invalidated earlier, or by the ping
             rec = self._open_record(rec)
         counters = self._counters
@@ -466,20 +481,14 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
 
     # ----------------------------------------------------------------- pre-ping
 
-    def _maybe_ping(self, rec: ConnectionPoolEntry) -> BaseException | None:
-        """Ping a reused connection; on failure replace it. Returns the failure, if any."""
-        dbapi_connection = cast(Any, rec.dbapi_connection)
-        if (
-            dbapi_connection is None
-            or rec.__dict__.get("_ap_returned_conn") is not dbapi_connection
-        ):
-            return None  # fresh: opened since it was last returned
-        driver: Any = cast(Any, dbapi_connection).driver_connection
-        if (
-            time.monotonic() - rec.__dict__["_ap_returned_at"] < self._ping_skip
-            and not driver.is_closed()  # the loop already saw the server hang up
-        ):
-            return None
+    def _ping(self, rec: ConnectionPoolEntry, driver: Any) -> BaseException | None:
+        """Ping a reused connection (``driver`` is its asyncpg connection);
+        on failure replace it. Returns the failure, if any.
+
+        ``_do_get`` calls this for a connection parked at least
+        ``pre_ping_skip_window`` ago, or one whose socket the loop already
+        saw close.
+        """
         self._counters.pre_pings += 1
         try:
             if driver.is_closed():
@@ -507,23 +516,18 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             raise
         return None
 
-    def _drop_if_stale(self, rec: ConnectionPoolEntry) -> None:
+    def _drop_stale(self, rec: ConnectionPoolEntry) -> None:
         """Close a connection SQLAlchemy would replace on this checkout.
 
-        Too old (``pool_recycle``) or older than a pool-wide or soft
-        invalidation: closing it here (no round trip) lets ``_open_record``
-        reconnect in its shielded task, instead of SQLAlchemy reconnecting
-        in the caller's task where a cancellation would cut the handshake.
+        ``_do_get`` found it too old (``pool_recycle``) or older than a
+        pool-wide or soft invalidation: closing it here (no round trip) lets
+        ``_open_record`` reconnect in its shielded task, instead of
+        SQLAlchemy reconnecting in the caller's task where a cancellation
+        would cut the handshake.
         """
-        if rec.dbapi_connection is None:
-            return
-        started: float = getattr(rec, "starttime", 0.0)
-        if self._recycle > -1 and time.time() - started > self._recycle:
+        born: float = rec.starttime  # type: ignore[attr-defined]
+        if self._recycle > -1 and time.time() - born > self._recycle:
             self._counters.recycles += 1
-        elif not (
-            self._invalidate_time > started or getattr(rec, "_soft_invalidate_time", 0) > started
-        ):
-            return
         rec.close()
 
     # ------------------------------------------------------------------ checkin
@@ -541,8 +545,12 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         if self._foreign_connections_possible:
             self._drop_if_foreign(record)
         if self._ping_enabled:
-            record._ap_returned_at = time.monotonic()  # type: ignore[attr-defined]
-            record._ap_returned_conn = record.dbapi_connection  # type: ignore[attr-defined]
+            dbapi_connection: Any = record.dbapi_connection
+            record._ap_parked = (  # type: ignore[attr-defined]
+                None
+                if dbapi_connection is None
+                else (dbapi_connection, dbapi_connection.driver_connection, time.monotonic())
+            )
         if self._state.closed:
             self.reject_waiters()  # shutting down: nobody is served any more
         waiters = self._waiters

@@ -157,7 +157,7 @@ def main() -> None:
         "--skip",
         nargs="+",
         default=[],
-        choices=["throughput", "overload", "reject", "telemetry_ab"],
+        choices=["throughput", "overload", "reject", "inprocess"],
     )
     parser.add_argument(
         "--soak", action="store_true", help="also run benchmarks/soak.py (issue #5, ~4 min more)"
@@ -266,8 +266,8 @@ def run(args: argparse.Namespace, plan: dict[str, Any], dsn: str, db: str) -> di
     finally:
         for worker in workers.values():
             worker.close()
-    if "telemetry_ab" not in args.skip:
-        result["telemetry_ab"] = run_telemetry_ab(dsn, plan["ab_rounds"])
+    if "inprocess" not in args.skip:
+        result["inprocess"] = run_inprocess(dsn, plan["ab_rounds"])
     if args.soak:
         result["soak"] = run_soak(dsn, args.soak_checkouts)
     result["targets"] = _report.verdicts(
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace, plan: dict[str, Any], dsn: str, db: str) -> di
         overload["summary"],
         reject["summary"],
         result.get("soak"),
-        result.get("telemetry_ab"),
+        result.get("inprocess"),
     )
     return result
 
@@ -360,8 +360,8 @@ def reject_rounds(workers: dict[str, Worker], plan: dict[str, Any]) -> dict[str,
     return {"raw": raw, "summary": _report.summarise_rounds(raw, metrics)}
 
 
-def run_telemetry_ab(dsn: str, rounds: int) -> dict[str, Any]:
-    """Run ``benchmarks/telemetry_ab.py`` (telemetry on/off in one process) and keep its result."""
+def run_inprocess(dsn: str, rounds: int) -> dict[str, Any]:
+    """Run ``benchmarks/inprocess.py`` (telemetry on/off in one process) and keep its result."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env[DSN_VARIABLE] = dsn  # not on the command line, where ps would show a password
@@ -371,7 +371,7 @@ def run_telemetry_ab(dsn: str, rounds: int) -> dict[str, Any]:
         proc = subprocess.run(
             [
                 sys.executable,
-                str(HERE / "telemetry_ab.py"),
+                str(HERE / "inprocess.py"),
                 "--rounds",
                 str(rounds),
                 "--json",
@@ -384,7 +384,7 @@ def run_telemetry_ab(dsn: str, rounds: int) -> dict[str, Any]:
             check=False,
         )
         if proc.returncode != 0 or not out.exists():
-            return {"error": f"telemetry_ab.py failed ({proc.returncode}): {proc.stderr[-300:]}"}
+            return {"error": f"inprocess.py failed ({proc.returncode}): {proc.stderr[-300:]}"}
         result: dict[str, Any] = json.loads(out.read_text())
         return result
 

@@ -1,17 +1,20 @@
-"""What asyncpool's telemetry costs, measured A/B inside one process.
+"""asyncpool vs plain SQLAlchemy, and telemetry on vs off, A/B inside one process.
 
-    python benchmarks/telemetry_ab.py                 # embedded PostgreSQL
-    python benchmarks/telemetry_ab.py --url postgresql://...
+    python benchmarks/inprocess.py                 # embedded PostgreSQL
+    python benchmarks/inprocess.py --url postgresql://...
 
 The throughput variants of ``run.py`` each run in their own process, and two
 processes running the same code differ by a few percent (memory layout, hash
-seeds, what the allocator hands out): more than the telemetry costs. Here
-one process with the OpenTelemetry SDK installed (in-memory reader, as in
-``ap_default``) holds three engines: telemetry on, telemetry on with the
-histograms through the public ``Histogram.record``, and telemetry off.
-They take turns in many short rounds (rotating order), and each round's
-CPU per op is divided by the telemetry-off engine's from the same round.
-Metrics are collected at the end of every window, inside it.
+seeds, what the allocator hands out): ``ap_noop`` and ``ap_notel`` run the
+very same hot path and still come out 1-3% apart. That is as much as
+telemetry costs. Here one process, with the OpenTelemetry SDK installed (an
+in-memory reader, as in ``ap_default``), holds five engines: plain
+SQLAlchemy with and without ``pool_pre_ping``, asyncpool with telemetry on
+(the defaults), on with the histograms through the public
+``Histogram.record``, and off. They take turns in many short rounds (the
+order rotating), and each round's CPU per op is divided by the baseline's
+from the same round. Metrics are collected at the end of every window of a
+telemetry engine, inside it.
 
 Two loops: ``SELECT 1`` per checkout (the issue's measure) and
 ``async with engine.connect(): pass`` (no I/O: the pool's own cost, where
@@ -36,12 +39,26 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import _otel_env  # noqa: E402
 
-#: engine -> (label, create_pooled_engine options, public histogram path)
+#: engine -> (label, kind, options, histograms through the public record())
 ENGINES: Final = {
-    "on": ("telemetry on (defaults)", {}, False),
-    "on_public": ("telemetry on, histograms via public Histogram.record", {}, True),
-    "off": ("telemetry=False", {"telemetry": False}, False),
+    "sa": ("plain SQLAlchemy", "sqlalchemy", {}, False),
+    "sa_preping": (
+        "plain SQLAlchemy, pool_pre_ping=True",
+        "sqlalchemy",
+        {"pool_pre_ping": True},
+        False,
+    ),
+    "on": ("asyncpool defaults (telemetry on)", "asyncpool", {}, False),
+    "on_public": (
+        "asyncpool, telemetry on, histograms via public Histogram.record",
+        "asyncpool",
+        {},
+        True,
+    ),
+    "off": ("asyncpool, telemetry=False", "asyncpool", {"telemetry": False}, False),
 }
+#: The ratios reported: (engine, baseline).
+BASELINES: Final = ("off", "sa", "sa_preping")
 LOOPS: Final = {"select": 0.4, "checkout": 0.2}  # loop -> seconds measured per cell
 CONCURRENCY: Final = 10
 
@@ -51,10 +68,10 @@ async def measure(target: dict[str, str], rounds: int, telemetry: Any) -> dict[s
     from benchmarks._stats import spread
 
     subjects = {}
-    for name, (_label, options, public) in ENGINES.items():
+    for name, (_label, kind, options, public) in ENGINES.items():
         if public:  # read when the engine is instrumented, i.e. at creation
             os.environ["ASYNCPOOL_OTEL_BOUND_HISTOGRAMS"] = "0"
-        variant = variants.Variant(name, name, "sdk", "asyncpool", tuple(options.items()))
+        variant = variants.Variant(name, name, "sdk", kind, tuple(options.items()))
         subjects[name] = await variants.open_subject(variant, target)
         os.environ.pop("ASYNCPOOL_OTEL_BOUND_HISTOGRAMS", None)
     order = list(ENGINES)
@@ -66,13 +83,18 @@ async def measure(target: dict[str, str], rounds: int, telemetry: Any) -> dict[s
                 for name in order[r % len(order) :] + order[: r % len(order)]:
                     subject = subjects[name]
                     op = subject.checkout if loop == "checkout" else subject.op
-                    collect = telemetry.collect if name != "off" else None
+                    collect = telemetry.collect if name in ("on", "on_public") else None
                     cell = await variants.closed_loop(op, CONCURRENCY, 0.05, window, collect)
                     cpu[name].append(cell["cpu_us_op"])
             out[loop] = {
                 name: {
                     "cpu_us_op": spread(cpu[name]),
-                    "vs_off": spread([a / b for a, b in zip(cpu[name], cpu["off"], strict=True)]),
+                    **{
+                        f"vs_{base}": spread(
+                            [a / b for a, b in zip(cpu[name], cpu[base], strict=True)]
+                        )
+                        for base in BASELINES
+                    },
                 }
                 for name in ENGINES
             }
@@ -83,18 +105,25 @@ async def measure(target: dict[str, str], rounds: int, telemetry: Any) -> dict[s
 
 
 def table(result: dict[str, Any]) -> str:
+    """CPU per op and the paired ratios; below 1.00x against SQLAlchemy is faster."""
     lines = [
-        "| engine | loop | CPU us/op | x telemetry off (paired) | cost |",
-        "|---|---|--:|--:|--:|",
+        "| engine | loop | CPU us/op | x asyncpool telemetry off | x plain SQLAlchemy "
+        "| x SQLAlchemy pre-ping |",
+        "|---|---|--:|--:|--:|--:|",
     ]
     for loop in LOOPS:
-        for name, (label, _options, _public) in ENGINES.items():
+        for name, (label, *_rest) in ENGINES.items():
             entry = result[loop][name]
-            cpu, ratio = entry["cpu_us_op"], entry["vs_off"]
+            cells = [
+                f"{entry[f'vs_{base}']['median']:.3f} ({entry[f'vs_{base}']['min']:.2f}-"
+                f"{entry[f'vs_{base}']['max']:.2f})"
+                for base in BASELINES
+            ]
+            cpu = entry["cpu_us_op"]
             lines.append(
-                f"| {label} | {loop} | {cpu['median']:.1f} ({cpu['min']:.1f}-{cpu['max']:.1f}) "
-                f"| {ratio['median']:.3f} ({ratio['min']:.2f}-{ratio['max']:.2f}) "
-                f"| {100 * (ratio['median'] - 1):+.1f}% |"
+                f"| {label} | {loop} | {cpu['median']:.1f} ({cpu['min']:.1f}-{cpu['max']:.1f}) | "
+                + " | ".join(cells)
+                + " |"
             )
     return "\n".join(lines)
 
