@@ -265,9 +265,19 @@ def primitives(calls: int) -> dict[str, float]:
         ),
         "local buffer (list.append, drained at collection)": _ns_per_call(buffered, calls),
     }
+    from asyncpool.telemetry._bound import BoundHistogram
+
+    bound = BoundHistogram(hist, attrs)
+    bound(0.0042)  # binds: mode "local"
+    out["asyncpool BoundHistogram, local (pre-aggregated, merged at collection)"] = _ns_per_call(
+        lambda: bound(0.0042), calls
+    )
     with tracer.start_as_current_span("request"):
         out["SDK Histogram.record(v, 1 attribute) inside a sampled span (exemplar kept)"] = (
             _ns_per_call(lambda: hist.record(0.0042, attrs), calls)
+        )
+        out["asyncpool BoundHistogram inside a sampled span (direct, exemplar kept)"] = (
+            _ns_per_call(lambda: bound(0.0042), calls)
         )
     out["baseline: empty lambda"] = _ns_per_call(lambda: None, calls)
     return out
