@@ -52,9 +52,9 @@ from benchmarks.variants import BASELINES, POOL_SIZE, VARIANTS  # noqa: E402
 
 #: Settings of a full run (about 6 minutes on 2 cores) and of --quick (about 40 s).
 FULL: Final = {
-    "rounds": 7,
+    "rounds": 9,
     "warmup": 0.3,
-    "window": 1.0,
+    "window": 0.8,
     "overload_rounds": 3,
     "overload_warmup": 0.5,
     "overload_window": 5.0,
@@ -81,6 +81,7 @@ class Worker:
     """A ``_worker.py`` process for one variant; ``ask()`` sends a command, waits for its reply."""
 
     def __init__(self, variant: str, dsn: str) -> None:
+        self.dsn = dsn
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         env[DSN_VARIABLE] = dsn  # not on the command line, where ps would show a password
@@ -108,6 +109,11 @@ class Worker:
         if not reply["ok"]:
             raise RuntimeError(f"worker {self.variant} failed on {cmd}:\n{reply['error']}")
         return reply["result"]
+
+    def restart(self) -> None:
+        """A fresh process for the same variant (another memory layout, another hash seed)."""
+        self.close()
+        self.__init__(self.variant, self.dsn)  # type: ignore[misc]
 
     def close(self) -> None:
         if self.process.poll() is None and self.process.stdin is not None:
@@ -286,6 +292,12 @@ def throughput_rounds(
     raw: list[dict[str, Any]] = []
     rounds = plan["rounds"]
     for r in range(rounds):
+        if r:
+            # Each round in new processes: one process's memory layout and
+            # hash seed would otherwise favour or handicap a variant for the
+            # whole run by a few percent (as pyperf does, average over them).
+            for variant in variants:
+                workers[variant].restart()
         for conc in concurrency:
             shift = r % len(variants)
             order = variants[shift:] + variants[:shift]
