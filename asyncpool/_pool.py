@@ -339,11 +339,16 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
                     ping_error = self._ping(rec, parked[1])
         if rec.dbapi_connection is None:  # invalidated earlier, or by the ping
             rec = self._open_record(rec)
-        counters = self._counters
-        counters.checkouts += 1
+        self._counters.checkouts += 1
         self._lent.add(rec)
-        if self._state.observers or self._leak_threshold is not None:
-            self._track_checkout(rec, started, waited, ping_error)
+        observers = self._state.observers
+        if observers:
+            now = time.perf_counter()
+            self._checkout_started[rec] = now  # for the use time at checkin
+            for observer in observers:
+                observer.checked_out(now - started, waited, ping_error)
+        if self._leak_threshold is not None:
+            self._start_leak_timer(rec)
         return rec
 
     def _open_record(self, rec: ConnectionPoolEntry | None = None) -> ConnectionPoolEntry:
@@ -735,23 +740,13 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
 
     # ------------------------------------------------------------ leak + timing
 
-    def _track_checkout(
-        self,
-        rec: ConnectionPoolEntry,
-        started: float,
-        waited: bool,
-        ping_error: BaseException | None,
-    ) -> None:
-        now = time.perf_counter()
-        if self._state.observers:
-            self._checkout_started[rec] = now
-            for observer in self._state.observers:
-                observer.checked_out(now - started, waited, ping_error)
-        if self._leak_threshold is not None and self._loop is not None:
-            stack = _caller_stack()
-            self._leak_timers[rec] = self._loop.call_later(
-                self._leak_threshold, self._report_leak, rec, stack, now
-            )
+    def _start_leak_timer(self, rec: ConnectionPoolEntry) -> None:
+        if self._loop is None or self._leak_threshold is None:
+            return
+        stack = _caller_stack()
+        self._leak_timers[rec] = self._loop.call_later(
+            self._leak_threshold, self._report_leak, rec, stack, time.perf_counter()
+        )
 
     def _report_leak(self, rec: ConnectionPoolEntry, stack: str, since: float) -> None:
         self._counters.leaks_detected += 1

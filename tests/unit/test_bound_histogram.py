@@ -423,6 +423,22 @@ def test_histograms_of_pools_whose_callbacks_the_sdk_dropped_are_still_flushed()
     assert result.stdout.strip() == "[('A', 1), ('B', 1)]", result.stderr
 
 
+def test_a_disabled_meter_records_nothing_either_way() -> None:
+    from opentelemetry.sdk.metrics._internal import _disable_meter_configurator
+
+    def disabled() -> tuple[MeterProvider, list[InMemoryMetricReader]]:
+        provider, readers = setup()()
+        provider._set_meter_configurator(meter_configurator=_disable_meter_configurator)
+        return provider, readers
+
+    def feed_and_enable_none(record: Callable[[float, dict[str, Any]], None]) -> None:
+        for value in VALUES:
+            record(value, POOL_A)
+
+    public, bound, _ = run_both(disabled, feed_and_enable_none)
+    assert bound == public == [[]]
+
+
 def test_the_environment_switch_keeps_the_public_api(monkeypatch: pytest.MonkeyPatch) -> None:
     provider = MeterProvider(metric_readers=[InMemoryMetricReader()], shutdown_on_exit=False)
     histogram = provider.get_meter("m").create_histogram(NAME)
