@@ -134,6 +134,27 @@ def summarise_rounds(raw: list[dict[str, Any]], metrics: Iterable[str]) -> dict[
     }
 
 
+def _ratio_verdict(
+    label: str, ratio: dict[str, float], goal: float, kind: str, unit: str
+) -> dict[str, Any]:
+    """A ratio target's row; kind "min": the median must be >= goal, "max": <= goal."""
+    med, low, high = ratio["median"], ratio["min"], ratio["max"]
+    met = med >= goal if kind == "min" else med <= goal
+    # The per-round range straddling the goal means one run cannot settle it.
+    sure = (
+        (low >= goal if kind == "min" else high <= goal)
+        if met
+        else (high < goal if kind == "min" else low > goal)
+    )
+    return {
+        "target": label,
+        "goal": f"{'>=' if kind == 'min' else '<='} {goal:.3f}x{' ' + unit if unit else ''}",
+        "measured": f"{med:.3f}x ({low:.2f}-{high:.2f})",
+        "met": met,
+        "verdict": ("met" if met else "NOT met") + ("" if sure else " (within noise)"),
+    }
+
+
 def verdicts(
     throughput: dict[str, Any],
     overload: dict[str, Any],
@@ -146,41 +167,12 @@ def verdicts(
     select = (inprocess or {}).get("select", {})
     for engine, base, goal, label in IN_PROCESS_TARGETS:
         ratio = select.get(engine, {}).get(f"vs_{base}")
-        if ratio is None:
-            continue
-        med, low, high = ratio["median"], ratio["min"], ratio["max"]
-        met = med <= goal
-        out.append(
-            {
-                "target": label,
-                "goal": f"<= {goal:.3f}x CPU",
-                "measured": f"{med:.3f}x ({low:.2f}-{high:.2f})",
-                "met": met,
-                "verdict": ("met" if met else "NOT met")
-                + ("" if (high <= goal if met else low > goal) else " (within noise)"),
-            }
-        )
+        if ratio is not None:
+            out.append(_ratio_verdict(label, ratio, goal, "max", "CPU"))
     for variant, base, metric, goal, kind, label in TARGETS:
         ratio = throughput.get(variant, {}).get(10, {}).get(f"vs_{base}", {}).get(metric)
-        if ratio is None:
-            continue
-        med, low, high = ratio["median"], ratio["min"], ratio["max"]
-        met = med >= goal if kind == "min" else med <= goal
-        # The per-round range straddling the goal means one run cannot settle it.
-        sure = (
-            (low >= goal if kind == "min" else high <= goal)
-            if met
-            else (high < goal if kind == "min" else low > goal)
-        )
-        out.append(
-            {
-                "target": label,
-                "goal": f"{'>=' if kind == 'min' else '<='} {goal:.2f}x",
-                "measured": f"{med:.3f}x ({low:.2f}-{high:.2f})",
-                "met": met,
-                "verdict": ("met" if met else "NOT met") + ("" if sure else " (within noise)"),
-            }
-        )
+        if ratio is not None:
+            out.append(_ratio_verdict(label, ratio, goal, kind, ""))
     ap, apg = overload.get("ap_default"), overload.get("asyncpg")
     if ap and apg:
         timeouts = ap["timeouts"]["median"]
