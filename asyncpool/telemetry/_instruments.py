@@ -214,14 +214,7 @@ class PoolInstruments:
             self._readers = tuple(r for r in self._readers if r is not reader)
 
     def _live(self) -> list[tuple[PoolReader, FairAsyncPool]]:
-        """The pools still alive; first, the pre-aggregated histograms go to the SDK.
-
-        Every observable callback calls this, and the SDK runs the callbacks
-        before it collects the synchronous instruments, so the histograms'
-        aggregations are complete when collected (the first callback of a
-        collection flushes; the others find nothing left).
-        """
-        flush_all()
+        """The pools still alive (an engine that was dropped stops being read)."""
         live, gone = [], []
         for reader in self._readers:  # a snapshot: add/remove replace the tuple
             pool = reader.pool()
@@ -234,6 +227,10 @@ class PoolInstruments:
         return live
 
     def _observe_count(self, options: CallbackOptions) -> Iterable[Observation]:
+        # The SDK runs every observable callback before it collects the
+        # histograms, so this one hands the pools' pre-aggregated histogram
+        # values over first (all of them: see flush_all).
+        flush_all()
         out = []
         for reader, pool in self._live():
             out.append(Observation(max(pool.checkedout(), 0), reader.used_attributes))
