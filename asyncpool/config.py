@@ -19,6 +19,9 @@ from .errors import ConfigurationError
 
 __all__ = ["PoolConfig"]
 
+#: PostgreSQL takes ``client_connection_check_interval`` in milliseconds, up to INT_MAX.
+_CHECK_INTERVAL_MAX: Final = 2_147_483.0
+
 #: PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes.
 _APPLICATION_NAME_MAX: Final = 63
 
@@ -79,6 +82,14 @@ class PoolConfig:
     #: What sits between the pool and PostgreSQL: ``None`` (nothing) or
     #: ``"pgbouncer"`` (transaction pooling: prepared statements made safe).
     pooler: str | None = None
+    #: Seconds the pool may spend putting an unclear connection in order (cancel
+    #: its statement on the server, roll back) before it aborts it instead.
+    cleanup_timeout: float = 5.0
+    #: PostgreSQL's ``client_connection_check_interval`` (seconds) on every
+    #: connection: a backend whose client vanished stops its statement within
+    #: it. PostgreSQL 14+; never set behind a pooler; ``None`` leaves the
+    #: server's own setting.
+    client_connection_check_interval: float | None = 1.0
 
     def __post_init__(self) -> None:
         _check_name("name", self.name, optional=True)
@@ -97,6 +108,15 @@ class PoolConfig:
         _check_name("application_name", self.application_name, optional=True)
         if self.min_idle is not None:
             _check_int("min_idle", self.min_idle, low=0, high=self.pool_size, high_name="pool_size")
+        _check_seconds("cleanup_timeout", self.cleanup_timeout, allow_zero=False)
+        _check_seconds(
+            "client_connection_check_interval",
+            self.client_connection_check_interval,
+            allow_zero=False,
+            optional=True,
+            low=0.001,
+            high=_CHECK_INTERVAL_MAX,
+        )
         if self.pooler is not None and self.pooler not in POOLERS:
             raise ConfigurationError("pooler", self.pooler, f"None or one of {', '.join(POOLERS)}")
 
@@ -176,6 +196,8 @@ _FIELD_KINDS: Final[dict[str, tuple[str, bool]]] = {
     "application_name": ("str", True),
     "min_idle": ("int", True),
     "pooler": ("str", True),
+    "cleanup_timeout": ("float", False),
+    "client_connection_check_interval": ("float", True),
 }
 
 
@@ -210,7 +232,13 @@ def _check_int(
 
 
 def _check_seconds(
-    setting: str, value: object, *, allow_zero: bool, optional: bool = False
+    setting: str,
+    value: object,
+    *,
+    allow_zero: bool,
+    optional: bool = False,
+    low: float | None = None,
+    high: float | None = None,
 ) -> None:
     if value is None and optional:
         return
@@ -219,9 +247,14 @@ def _check_seconds(
         and not isinstance(value, bool)
         and math.isfinite(value)
         and (value >= 0 if allow_zero else value > 0)
+        and (low is None or value >= low)
+        and (high is None or value <= high)
     )
     if not ok:
-        expected = "a finite number of seconds " + (">= 0" if allow_zero else "> 0")
+        if low is not None and high is not None:
+            expected = f"a number of seconds from {low:g} to {high:g}"
+        else:
+            expected = "a finite number of seconds " + (">= 0" if allow_zero else "> 0")
         if optional:
             expected += ", or None to turn it off"
         raise ConfigurationError(setting, value, expected)

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 
-from asyncpool import _pool as pool_module
+from asyncpool._pool import _leaks as leaks_module
 from asyncpool import statistics
 from asyncpool.engine import pool_of
 from tests.fix_db import EngineFactory, wait_until
@@ -59,7 +59,7 @@ async def test_held_connection_logs_one_warning_with_its_checkout_stack(
     assert "cleared" in cleared[0].getMessage() and app_name in cleared[0].getMessage()
     stats = statistics(engine)
     assert (stats.leaks_detected, stats.checked_out) == (1, 0)
-    assert pool_of(engine)._leak_timers == {}
+    assert pool_of(engine).leak_timers_armed == 0
 
 
 async def test_session_held_past_the_threshold_is_reported_once_and_cleared(
@@ -85,7 +85,7 @@ async def test_connection_returned_in_time_is_never_reported(
     for _ in range(3):
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
-    assert pool_of(engine)._leak_timers == {}  # every timer cancelled on return
+    assert pool_of(engine).leak_timers_armed == 0  # every timer cancelled on return
     assert leak_records(caplog) == []
     assert statistics(engine).leaks_detected == 0
 
@@ -99,7 +99,7 @@ async def test_invalidated_leaked_connection_clears_its_report(
     await conn.invalidate()
     await conn.close()
     assert ["cleared" in r.getMessage() for r in leak_records(caplog)] == [False, True]
-    assert pool_of(engine)._leak_timers == {}
+    assert pool_of(engine).leak_timers_armed == 0
 
 
 async def test_no_stack_is_captured_with_leak_detection_off(
@@ -112,12 +112,12 @@ async def test_no_stack_is_captured_with_leak_detection_off(
         captured += 1
         return ""
 
-    monkeypatch.setattr(pool_module, "_caller_stack", counting_stack)
+    monkeypatch.setattr(leaks_module, "_caller_stack", counting_stack)
     engine = make_engine(pool_size=1, max_overflow=0)
     for _ in range(3):
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
-    assert captured == 0 and pool_of(engine)._leak_timers == {}
+    assert captured == 0 and pool_of(engine).leak_timers_armed == 0
 
     detecting = make_engine(name="detecting", pool_size=1, max_overflow=0, leak_threshold=60)
     async with detecting.connect() as conn:

@@ -189,9 +189,12 @@ async def test_cancelled_request_gives_its_connection_back(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert statistics(engine).checked_out == 0
+    # The pool cancels the statement on the server before the slot comes back.
+    await wait_until(lambda: statistics(engine).checked_out == 0, what="the cleanup")
+    assert not await query_running(database, app_name)
     async with engine.connect() as conn:  # the only slot is free again
         assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+    assert statistics(engine).connects == 1  # the same connection, cleaned and reused
 
 
 async def test_request_cancelled_by_an_anyio_cancel_scope_gives_its_connection_back(
@@ -206,7 +209,8 @@ async def test_request_cancelled_by_an_anyio_cancel_scope_gives_its_connection_b
             await wait_for_async(lambda: query_running(database, app_name), what="pg_sleep to run")
             scope.cancel()
     assert scope.cancelled_caught
-    assert statistics(engine).checked_out == 0
+    await wait_until(lambda: statistics(engine).checked_out == 0, what="the cleanup")
+    assert not await query_running(database, app_name)
 
 
 async def no_active_backend(database: TestDatabase, app_name: str) -> bool:

@@ -30,6 +30,8 @@ CASES: dict[str, tuple[list[object], object]] = {
     "application_name": (["", "y" * 64, "ünïcode"], "billing-api"),
     "min_idle": ([-1, 11, 1.5], 0),
     "pooler": (["pgpool", "", "PgBouncer", 5], "pgbouncer"),
+    "cleanup_timeout": ([0, -1, math.inf, None, "5"], 1.0),
+    "client_connection_check_interval": ([0, 0.0001, 3_000_000, math.inf, -1], None),
 }
 
 

@@ -90,6 +90,10 @@ VALID: Final[dict[str, Any]] = {
     "application_name": name(optional=True),
     "min_idle": lambda v: v is None or integer(0, 10_000)(v),
     "pooler": lambda v: v is None or v in POOLERS,
+    "cleanup_timeout": seconds(zero=False, optional=False),
+    "client_connection_check_interval": lambda v: (
+        v is None or (is_number(v) and math.isfinite(v) and 0.001 <= v <= 2_147_483)
+    ),
 }
 
 

@@ -1,8 +1,9 @@
-"""The fair asyncio pool.
+"""The fair asyncio pool: SQLAlchemy's pool hooks, checkout and hand-off.
 
-This is the one module that touches SQLAlchemy's private pool API
+This package is the one place that touches SQLAlchemy's private pool API
 (``_do_get``, ``_do_return_conn``, ``_close_connection``, ``_overflow``).
-It replaces the checkout and checkin halves of ``AsyncAdaptedQueuePool``:
+``FairAsyncPool`` replaces the checkout and checkin halves of
+``AsyncAdaptedQueuePool``:
 
 * **Fair hand-off.** A returned connection goes straight to the oldest
   waiter; a newcomer takes an idle connection only when nobody waits. So no
@@ -10,13 +11,17 @@ It replaces the checkout and checkin halves of ``AsyncAdaptedQueuePool``:
   ``get_nowait()`` barge past woken waiters).
 * **Bounded pre-ping.** ``SELECT 1`` on the simple protocol (no transaction, no
   prepared statement), bounded by ``pre_ping_timeout``, skipped for
-  connections returned less than ``pre_ping_skip_window`` ago. A failed ping
+  connections returned less than ``pre_ping_skip_window`` ago unless the
+  driver or a recent disconnect gives reason to doubt them. A failed ping
   replaces the connection; the caller never sees it.
 * **Bounded waiting.** ``max_waiting`` refuses at once instead of queueing.
-* **Loop ownership.** The pool belongs to the loop that first used it; a
-  closed owner is let go of without touching it, a live one is protected.
-* **Invalidation without a round trip.** A connection whose state is unknown
-  is aborted (socket closed), never awaited, so cancellation cannot strand it.
+* **Only clean connections go back** (``_cleanup.py``): one whose state is
+  unclear is cancelled on the server, rolled back, and reused or closed, in a
+  task of the pool's own, while its slot stays taken.
+* **Loop ownership** (``_loops.py``): the pool belongs to the loop that first
+  used it; a closed owner is let go of without touching it.
+
+Whatever touches the driver's internals is behind ``asyncpool._drivers``.
 """
 
 from __future__ import annotations
@@ -24,23 +29,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import itertools
 import logging
-import os
-import socket
 import time
-import traceback
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final
 
-import greenlet
 from sqlalchemy import event
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, Pool
 from sqlalchemy.util import queue as sqla_queue
 
-from .config import PoolConfig
-from .errors import PoolClosedError, PoolOverloadedError, PoolTimeoutError, WrongEventLoopError
+from .._drivers import ConnectionState, Driver, driver_for
+from ..config import PoolConfig
+from ..errors import PoolClosedError, PoolOverloadedError, PoolTimeoutError
+from . import _loops
+from ._cleanup import Cleanup
+from ._leaks import LeakWatch
+from ._state import (
+    PoolState,
+    PrePingFailed,
+    ReturnedUnclean,
+    invalidation_reason,
+    next_pool_name,
+)
 
 try:  # SQLAlchemy 2.1
     from sqlalchemy.util.concurrency import await_
@@ -51,24 +60,16 @@ from sqlalchemy.util.concurrency import greenlet_spawn
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPIConnection
 
-__all__ = ["FairAsyncPool", "PoolCounters", "PoolObserver", "PoolState"]
+__all__ = ["FairAsyncPool"]
 
 logger = logging.getLogger("asyncpool.pool")
 
-_names: Iterator[int] = itertools.count(1)
+#: Invalidations after which a connection may be cleaned and reused: only its
+#: state was unclear (its caller gave up mid-statement), not the connection.
+_UNCLEAR_STATE_REASONS: Final = frozenset({"cancelled", "timeout"})
 
-
-def next_pool_name() -> str:
-    """``pool-N``: the name of a pool whose config gives none."""
-    return f"pool-{next(_names)}"
-
-
-class PrePingFailed(Exception):
-    """Why a connection was replaced at checkout (the driver's error is chained)."""
-
-
-class OwnerLoopClosed(Exception):
-    """The connection belonged to an event loop that has been closed."""
+#: PostgreSQL 14 added ``client_connection_check_interval``.
+_CHECK_INTERVAL_SINCE: Final = 140000
 
 
 class _WaitTimedOut(Exception):
@@ -83,84 +84,6 @@ _SLOT: Final = object()
 
 #: Connects whose caller gave up: held here until they finish (see _open_record).
 _connect_tasks: Final[set[asyncio.Task[Any]]] = set()
-
-
-class PoolObserver(Protocol):
-    """What telemetry hears from the pool. Every method must be cheap and never raise."""
-
-    def checked_out(self, wait: float, waited: bool, ping_error: BaseException | None) -> None: ...
-
-    def checkout_failed(self, wait: float, error: BaseException) -> None: ...
-
-    def checked_in(self, use: float) -> None: ...
-
-    def connected(self, seconds: float, error: BaseException | None) -> None: ...
-
-    def invalidated(self, reason: str) -> None: ...
-
-
-@dataclass(slots=True)
-class PoolCounters:
-    """Monotonic counters; plain ints bumped inline, read by ``statistics()``."""
-
-    checkouts: int = 0
-    pre_pings: int = 0
-    waits: int = 0
-    wait_seconds_total: float = 0.0
-    wait_seconds_max: float = 0.0
-    timeouts: int = 0
-    rejected: int = 0
-    connects: int = 0
-    connect_errors: int = 0
-    pre_ping_failures: int = 0
-    invalidations: int = 0
-    recycles: int = 0
-    leaks_detected: int = 0
-    invalidations_by_reason: collections.Counter[str] = field(default_factory=collections.Counter)
-
-
-class PoolState:
-    """What one engine's pools share across ``engine.dispose()`` (which recreates the pool)."""
-
-    __slots__ = ("closed", "config", "counters", "name", "observers")
-
-    def __init__(self, config: PoolConfig, name: str) -> None:
-        self.config = config
-        self.name = name
-        self.counters = PoolCounters()
-        self.observers: tuple[PoolObserver, ...] = ()
-        self.closed = False
-
-    def add_observer(self, observer: PoolObserver) -> None:
-        self.observers = (*self.observers, observer)
-
-    def remove_observer(self, observer: PoolObserver) -> None:
-        self.observers = tuple(o for o in self.observers if o is not observer)
-
-    def on_invalidate(
-        self, dbapi_connection: Any, record: Any, exception: BaseException | None
-    ) -> None:
-        """``PoolEvents.invalidate`` listener: every invalidation, whoever caused it."""
-        reason = invalidation_reason(exception)
-        self.counters.invalidations += 1
-        self.counters.invalidations_by_reason[reason] += 1
-        for observer in self.observers:
-            observer.invalidated(reason)
-
-
-def invalidation_reason(exception: BaseException | None) -> str:
-    """A short, stable label for why a connection was invalidated."""
-    if exception is None:
-        return "explicit"
-    if isinstance(exception, PrePingFailed):
-        return "pre_ping"
-    if isinstance(exception, OwnerLoopClosed):
-        return "loop_closed"
-    if isinstance(exception, asyncio.CancelledError):
-        return "cancelled"
-    from ._classify import classify  # local: keeps the hot import graph small
-
-    return classify(exception)
 
 
 class _IdleQueue(sqla_queue.QueueCommon[ConnectionPoolEntry]):
@@ -194,7 +117,8 @@ class _IdleQueue(sqla_queue.QueueCommon[ConnectionPoolEntry]):
 
 
 class FairAsyncPool(AsyncAdaptedQueuePool):
-    """``AsyncAdaptedQueuePool`` with FIFO hand-off, bounded pre-ping and waiting."""
+    """``AsyncAdaptedQueuePool`` with FIFO hand-off, bounded pre-ping and waiting,
+    and server-side cleanup of connections whose state is unclear."""
 
     _queue_class = _IdleQueue
     _pool: _IdleQueue
@@ -206,12 +130,16 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         **kw: Any,
     ) -> None:
         first = kw.get("_dispatch") is None
+        pre_ping = kw.pop("pre_ping", False)
         super().__init__(creator, **kw)
         if asyncpool_state is None:
+            # The class used on its own (poolclass=FairAsyncPool): SQLAlchemy's
+            # settings, and its pool_pre_ping as ours.
             config = PoolConfig(
                 pool_size=self._pool.maxsize,
                 max_overflow=max(self._max_overflow, 0),
                 pool_timeout=self._timeout,
+                pre_ping=bool(pre_ping),
             )
             asyncpool_state = PoolState(config, self._orig_logging_name or next_pool_name())
         self._state = asyncpool_state
@@ -221,13 +149,16 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         self._ping_timeout = config.pre_ping_timeout
         self._ping_skip = config.pre_ping_skip_window
         self._max_waiting = config.max_waiting
-        self._leak_threshold = config.leak_threshold
+        self._session_settings = _session_settings(config)
+        self._driver: Driver = driver_for(self._dialect)
         self._idle = self._pool.items
         self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._foreign_connections_possible = False
         self._checkout_started: dict[ConnectionPoolEntry, float] = {}
-        self._leak_timers: dict[ConnectionPoolEntry, asyncio.TimerHandle] = {}
+        threshold = config.leak_threshold
+        self._leaks = None if threshold is None else LeakWatch(asyncpool_state, threshold)
+        self._cleanup = Cleanup(self)
         # Lent-out records, so a drain can terminate stragglers and a forked
         # child can let go of every inherited connection.
         self._lent: set[ConnectionPoolEntry] = set()
@@ -247,6 +178,14 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
     @property
     def state(self) -> PoolState:
         return self._state
+
+    @property
+    def driver(self) -> Driver:
+        return self._driver
+
+    @property
+    def owner_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
 
     def __repr__(self) -> str:
         return (
@@ -278,6 +217,16 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
     def waiting(self) -> int:
         return len(self._waiters)
 
+    @property
+    def cleaning(self) -> int:
+        """Connections being cancelled, rolled back or closed; each holds its slot."""
+        return len(self._cleanup)
+
+    @property
+    def leak_timers_armed(self) -> int:
+        """Leak timers running now (one per lent connection with leak detection on)."""
+        return 0 if self._leaks is None else len(self._leaks)
+
     def live_idle(self) -> int:
         """Idle records that hold an open connection (records can be empty shells).
 
@@ -303,7 +252,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
 
     def _do_get(self) -> ConnectionPoolEntry:
         if self._loop is not asyncio.get_running_loop():
-            self._adopt_running_loop()
+            self._loop = _loops.adopt_running_loop(self)
         if self._state.closed:
             raise PoolClosedError(f"pool {self.name!r} is closed; no new checkouts are accepted")
         started = time.perf_counter()
@@ -331,11 +280,19 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
                 self._drop_stale(rec)
         ping_error = None
         if self._ping_enabled:
-            # (connection, its driver, when) as it was parked; a connection
-            # opened since (None, or another) is fresh and needs no ping.
+            # (connection, its driver connection, when) as it was parked; a
+            # connection opened since (None, or another) is fresh: no ping.
+            # Inside the skip window, ping anyway when the driver sees the
+            # connection unsettled (a backend killed while idle pushes its
+            # FATAL before the socket closes) or a disconnect was seen since
+            # it was parked (a restart, a failover).
             parked = rec.__dict__.get("_ap_parked")
             if parked is not None and parked[0] is rec.dbapi_connection:
-                if time.monotonic() - parked[2] >= self._ping_skip or parked[1].is_closed():
+                if (
+                    time.monotonic() - parked[2] >= self._ping_skip
+                    or parked[2] <= self._state.doubt_since
+                    or self._driver.unsettled(parked[1])
+                ):
                     ping_error = self._ping(rec, parked[1])
         if rec.dbapi_connection is None:  # invalidated earlier, or by the ping
             rec = self._open_record(rec)
@@ -347,8 +304,8 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             self._checkout_started[rec] = now  # for the use time at checkin
             for observer in observers:
                 observer.checked_out(now - started, waited, ping_error)
-        if self._leak_threshold is not None:
-            self._start_leak_timer(rec)
+        if self._leaks is not None:
+            self._leaks.start(self._loop, rec)
         return rec
 
     def _open_record(self, rec: ConnectionPoolEntry | None = None) -> ConnectionPoolEntry:
@@ -388,7 +345,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             if error is None:
                 self._do_return_conn(task.result())
             elif rec is None:
-                self._release_slot()
+                self.release_slot()
             else:
                 rec._checkin_failed(error, _fairy_was_created=False)  # type: ignore[attr-defined]
         except Exception:
@@ -396,7 +353,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             # (checkin, close, invalidate) must not cost the pool its slot.
             logger.exception("pool %r: settling a finished connect failed", self.name)
             if rec is None:
-                self._release_slot()
+                self.release_slot()
 
     def _wait(self, started: float) -> ConnectionPoolEntry:
         counters = self._counters
@@ -441,9 +398,9 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
             got = waiter.result()
             if got is _SLOT:
-                self._release_slot()
+                self.release_slot()
             else:
-                self._do_return_conn(got)
+                self.park(got)
             return
         try:
             self._waiters.remove(waiter)
@@ -474,6 +431,9 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
                 f"checked out (pool_size={size}, max_overflow={overflow}), {waiting} other "
                 f"callers waiting"
             )
+        cleaning = len(self._cleanup)
+        if cleaning and not rejected:
+            message += f"; {cleaning} of them being cleaned up on the server"
         return cls(
             message,
             pool_name=self.name,
@@ -484,23 +444,17 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             waited=waited,
         )
 
+    def _notify_failed(self, waited: float, error: BaseException) -> None:
+        for observer in self._state.observers:
+            observer.checkout_failed(waited, error)
+
     # ----------------------------------------------------------------- pre-ping
 
-    def _ping(self, rec: ConnectionPoolEntry, driver: Any) -> BaseException | None:
-        """Ping a reused connection (``driver`` is its asyncpg connection);
-        on failure replace it. Returns the failure, if any.
-
-        ``_do_get`` calls this for a connection parked at least
-        ``pre_ping_skip_window`` ago, or one whose socket the loop already
-        saw close.
-        """
+    def _ping(self, rec: ConnectionPoolEntry, driver_connection: Any) -> BaseException | None:
+        """Ping a reused connection; on failure replace it. Returns the failure, if any."""
         self._counters.pre_pings += 1
         try:
-            if driver.is_closed():
-                raise ConnectionError("connection is closed")
-            # Simple query protocol: no prepared statement, no transaction.
-            # (asyncpg's execute() chokes on the empty query ";".)
-            await_(driver.execute("SELECT 1", timeout=self._ping_timeout))
+            await_(self._driver.ping(driver_connection, self._ping_timeout))
         except Exception as exc:
             self._counters.pre_ping_failures += 1
             failure = PrePingFailed(f"pre-ping failed on pool {self.name!r}: {type(exc).__name__}")
@@ -545,17 +499,45 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
                 use = time.perf_counter() - started
                 for observer in self._state.observers:
                     observer.checked_in(use)
-        if self._leak_timers:
-            self._clear_leak_timer(record)
+        if self._leaks is not None:
+            self._leaks.stop(record)
+        if self._cleanup and self._cleanup.note_returned(record):
+            return  # its connection is being cleaned: the slot stays taken
         if self._foreign_connections_possible:
-            self._drop_if_foreign(record)
-        if self._ping_enabled:
-            dbapi_connection: Any = record.dbapi_connection
-            record._ap_parked = (  # type: ignore[attr-defined]
-                None
-                if dbapi_connection is None
-                else (dbapi_connection, dbapi_connection.driver_connection, time.monotonic())
-            )
+            _loops.drop_if_foreign(self, record)
+        dbapi_connection: Any = record.dbapi_connection
+        if dbapi_connection is not None:
+            driver_connection = dbapi_connection.driver_connection
+            # Only clean connections go back: one given back inside a
+            # transaction, mid-statement or broken is put in order first.
+            state = self._driver.state(driver_connection)
+            if state is not ConnectionState.IDLE:
+                self._give_back_unclean(record, state)
+                return
+            if self._ping_enabled:
+                record._ap_parked = (  # type: ignore[attr-defined]
+                    dbapi_connection,
+                    driver_connection,
+                    time.monotonic(),
+                )
+        elif self._ping_enabled:
+            record._ap_parked = None  # type: ignore[attr-defined]
+        self.park(record)
+
+    def _give_back_unclean(self, record: ConnectionPoolEntry, state: ConnectionState) -> None:
+        if state is ConnectionState.CLOSED:
+            # Not an idle connection any more: count it as gone, keep the slot.
+            record.invalidate(ReturnedUnclean(f"pool {self.name!r}: closed", "returned_closed"))
+            self.park(record)
+        elif self._loop is asyncio._get_running_loop():
+            self._cleanup.give_back(record, state)
+        else:  # no loop of ours to clean it on (garbage collection, shutdown)
+            record.invalidate(ReturnedUnclean(f"pool {self.name!r}: {state.value}", state.value))
+            self.park(record)
+
+    def park(self, record: ConnectionPoolEntry) -> None:
+        """A clean record (or an empty one) is free: to the oldest waiter, else
+        idle, else closed and its slot freed."""
         if self._state.closed:
             self.reject_waiters()  # shutting down: nobody is served any more
         waiters = self._waiters
@@ -564,15 +546,19 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             if not waiter.done():
                 waiter.set_result(record)
                 return
-        if len(self._idle) < self._pool.maxsize and not (self._state.closed or self._disposed):
+        if len(self._idle) < self._pool.maxsize and self.accepts_returns():
             self._idle.append(record)
             return
         try:
             record.close()
         finally:
-            self._release_slot()
+            self.release_slot()
 
-    def _release_slot(self) -> None:
+    def accepts_returns(self) -> bool:
+        """False once shut down or replaced: returned connections are closed."""
+        return not (self._state.closed or self._disposed)
+
+    def release_slot(self) -> None:
         """A connection slot came free: give it to the oldest waiter, else shrink."""
         if self._state.closed:
             self.reject_waiters()
@@ -587,19 +573,22 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             self._returned.set()
 
     def _dec_overflow(self) -> Any:
-        self._release_slot()
+        self.release_slot()
         return True
 
     # ---------------------------------------------------------- connect / close
 
     def _counting_creator(self, invoke: Any) -> Any:
-        """Wrap SQLAlchemy's creator call to count and time every connect."""
+        """Wrap SQLAlchemy's creator call to count and time every connect, and
+        apply the session settings every connection gets."""
 
         def invoke_and_count(record: ConnectionPoolEntry) -> DBAPIConnection:
             state = self._state
             started = time.perf_counter()
             try:
                 connection: DBAPIConnection = invoke(record)
+                if self._session_settings:
+                    self._apply_session_settings(connection)
             except BaseException as exc:
                 state.counters.connect_errors += 1
                 for observer in state.observers:
@@ -614,6 +603,17 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
 
         return invoke_and_count
 
+    def _apply_session_settings(self, connection: Any) -> None:
+        """``client_connection_check_interval`` where the server has it (PostgreSQL 14+)."""
+        driver_connection = connection.driver_connection
+        if self._driver.server_version(driver_connection) < _CHECK_INTERVAL_SINCE:
+            return
+        try:
+            await_(self._driver.set_session(driver_connection, self._session_settings))
+        except Exception:
+            self._driver.abort(driver_connection)
+            raise
+
     def _set_creator(self, creator: Any) -> None:
         _BASE_CREATOR.fset(self, creator)
         self._invoke_creator = self._counting_creator(self._invoke_creator)
@@ -623,21 +623,34 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
     _creator = property(_BASE_CREATOR.fget, _set_creator, _BASE_CREATOR.fdel)
 
     def _close_connection(self, connection: DBAPIConnection, *, terminate: bool = False) -> None:
-        driver = getattr(connection, "driver_connection", None)
-        loop = getattr(driver, "_loop", None)
+        driver_connection = getattr(connection, "driver_connection", None)
+        if driver_connection is None:
+            super()._close_connection(connection, terminate=terminate)
+            return
+        driver = self._driver
+        loop = driver.loop_of(driver_connection)
         if loop is not None and loop.is_closed():
-            _abandon(driver)
+            driver.abandon(driver_connection)
             return
-        if driver is not None and hasattr(driver, "terminate"):
-            # Never a round trip, even for a plain close (an overflow
-            # connection given back, dispose): asyncpg's terminate() writes
-            # the Terminate message and closes the socket at once, so the
-            # backend ends cleanly and no cancellation can interrupt a close
-            # halfway (anyio re-cancels at every await of a give-back path).
-            self.logger.debug("Terminating connection %r", connection)
-            driver.terminate()
-            return
-        super()._close_connection(connection, terminate=terminate)
+        if terminate and self._lent and loop is asyncio._get_running_loop():
+            # SQLAlchemy invalidates a lent connection whose state is unclear
+            # (its caller was cancelled mid-statement, command_timeout): the
+            # server may still be running the statement, holding its locks.
+            # Clean it in a task of our own instead of aborting it.
+            for rec in self._lent:
+                if rec.dbapi_connection is connection:
+                    if driver.state(driver_connection) is not ConnectionState.CLOSED:
+                        why = rec.__dict__.pop("_ap_invalidated_by", None)
+                        reusable = invalidation_reason(why) in _UNCLEAR_STATE_REASONS
+                        self._cleanup.adopt(rec, connection, reusable=reusable)
+                        return
+                    break
+        # Never a round trip, even for a plain close (an idle or overflow
+        # connection, dispose): the driver writes its Terminate message and
+        # closes the socket at once, so no cancellation can interrupt a close
+        # halfway (anyio re-cancels at every await of a give-back path).
+        self.logger.debug("Terminating connection %r", connection)
+        driver.abort(driver_connection)
 
     def dispose(self) -> None:
         self._disposed = True
@@ -661,7 +674,8 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         return rejected
 
     def all_returned(self) -> asyncio.Event:
-        """An event set once no connection is lent out (a drain waits on it).
+        """An event set once no connection is lent out or being cleaned (a
+        drain waits on it).
 
         Only set by a slot coming free, which is what every give-back does
         while the pool is closed (``PoolState.closed``).
@@ -675,10 +689,12 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         return self._returned
 
     def terminate_lent(self, reason: BaseException, *, idle: bool = False) -> int:
-        """Abort every connection still lent out (and the idle ones if ``idle``).
+        """End every connection still lent out (and the idle ones if ``idle``).
 
-        No round trip (drain stragglers, an interrupted dispose). A holder's
-        next database call fails; its give-back then frees the slot.
+        A statement still running is cancelled on the server first (in a
+        cleanup task, bounded by ``cleanup_timeout``; ``wait_cleaned()``
+        awaits them). A holder's next database call fails; its give-back then
+        frees the slot.
         """
         terminated = 0
         for rec in [*self._lent, *(self._idle if idle else ())]:
@@ -687,163 +703,53 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
                 terminated += 1
         return terminated
 
+    async def wait_cleaned(self) -> None:
+        """Until no cleanup is in flight (each is bounded by ``cleanup_timeout``)."""
+        await self._cleanup.wait()
+
+    def abort_cleanups(self) -> int:
+        """Abort every connection being cleaned, without a round trip; how many."""
+        return self._cleanup.abort_all()
+
     def drop_inherited(self) -> int:
-        """In a forked child: let go of every connection, idle or lent, without any I/O.
+        """In a forked child: let go of every connection, idle, lent or being
+        cleaned, without any I/O.
 
         The parent still talks on these sockets, so the child must neither
         write to them nor shut them down nor touch the parent's event loop.
         """
         dropped = 0
-        for rec in [*self._idle, *self._lent]:
-            dbapi_connection = rec.dbapi_connection
+        connections = [rec.dbapi_connection for rec in [*self._idle, *self._lent]]
+        for dbapi_connection in [*connections, *self._cleanup.connections()]:
             if dbapi_connection is not None:
-                _drop_without_io(dbapi_connection.driver_connection)
+                self._driver.drop_without_io(dbapi_connection.driver_connection)
                 dropped += 1
         return dropped
 
     # ------------------------------------------------------------- event loops
 
-    def _adopt_running_loop(self) -> None:
-        running = asyncio.get_running_loop()
-        owner = self._loop
-        if owner is not None and not owner.is_closed():
-            raise WrongEventLoopError(
-                f"pool {self.name!r} belongs to another event loop, which is still open; "
-                "an engine cannot be shared between event loops: create one engine per loop, "
-                "or `await engine.dispose()` in the owning loop and close it first"
-            )
-        if owner is not None:
-            # The owner loop is gone (asyncio.run() per job, a test's loop):
-            # its connections are unusable here. Drop the idle ones without
-            # awaiting anything, which also frees their server backends; the
-            # empty records keep their slots and reconnect on checkout.
-            dropped = 0
-            for rec in self._idle:
-                if rec.dbapi_connection is not None:
-                    rec.invalidate(OwnerLoopClosed(f"pool {self.name!r}: owner loop closed"))
-                    dropped += 1
-            self._waiters.clear()  # futures of the dead loop: their tasks are gone
-            self._returned = None  # an asyncio.Event bound to the dead loop
-            self._foreign_connections_possible = True
-            logger.info(
-                "pool %r: owner event loop closed; dropped %d idle connections", self.name, dropped
-            )
-        self._loop = running
+    def forget_dead_loop(self) -> None:
+        """The owner loop is closed: forget what belonged to it (see ``_loops``)."""
+        self._cleanup.forget_dead_loop()
+        self._waiters.clear()  # futures of the dead loop: their tasks are gone
+        self._returned = None  # an asyncio.Event bound to the dead loop
+        self._foreign_connections_possible = True
 
-    def _drop_if_foreign(self, record: ConnectionPoolEntry) -> None:
-        """A connection checked out under a dead loop came back: drop it."""
-        dbapi_connection = record.dbapi_connection
-        if dbapi_connection is not None:
-            driver = dbapi_connection.driver_connection
-            if getattr(driver, "_loop", self._loop) is not self._loop:
-                record.invalidate(OwnerLoopClosed(f"pool {self.name!r}: owner loop closed"))
 
-    # ------------------------------------------------------------ leak + timing
-
-    def _start_leak_timer(self, rec: ConnectionPoolEntry) -> None:
-        if self._loop is None or self._leak_threshold is None:
-            return
-        stack = _caller_stack()
-        self._leak_timers[rec] = self._loop.call_later(
-            self._leak_threshold, self._report_leak, rec, stack, time.perf_counter()
-        )
-
-    def _report_leak(self, rec: ConnectionPoolEntry, stack: str, since: float) -> None:
-        self._counters.leaks_detected += 1
-        rec._ap_leak_reported = since  # type: ignore[attr-defined]
-        logger.warning(
-            "pool %r: connection leak suspected: checked out %.1f s ago and not returned "
-            "(leak_threshold=%g s). It was checked out at:\n%s",
-            self.name,
-            time.perf_counter() - since,
-            self._leak_threshold,
-            stack,
-        )
-
-    def _clear_leak_timer(self, rec: ConnectionPoolEntry) -> None:
-        timer = self._leak_timers.pop(rec, None)
-        if timer is not None:
-            timer.cancel()
-        since = rec.__dict__.pop("_ap_leak_reported", None)
-        if since is not None:
-            logger.warning(
-                "pool %r: the connection reported as leaked was returned after %.1f s; "
-                "leak warning cleared",
-                self.name,
-                time.perf_counter() - since,
-            )
-
-    def _notify_failed(self, waited: float, error: BaseException) -> None:
-        for observer in self._state.observers:
-            observer.checkout_failed(waited, error)
+def _session_settings(config: PoolConfig) -> dict[str, str]:
+    """Settings ``SET`` on every new connection (never behind a transaction pooler,
+    where a session setting would land on whichever server connection)."""
+    interval = config.client_connection_check_interval
+    if interval is None or config.pooler is not None:
+        return {}
+    return {"client_connection_check_interval": f"{max(round(interval * 1000), 1)}ms"}
 
 
 def _refill(rec: ConnectionPoolEntry) -> ConnectionPoolEntry:
-    cast(Any, rec).get_connection()  # reconnects an empty record
+    rec.get_connection()  # type: ignore[attr-defined]  # reconnects an empty record
     return rec
 
 
 def _expire(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(_WaitTimedOut())
-
-
-def _abandon(driver: Any) -> None:
-    """Drop a connection whose event loop is closed, without that loop.
-
-    Shutting the socket down makes the server end the backend at once;
-    closing the transport by hand releases the file descriptor, since the
-    loop that would normally do it can no longer run callbacks.
-    """
-    transport = getattr(driver, "_transport", None)
-    if transport is not None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-    try:
-        driver.terminate()
-    except RuntimeError:
-        pass  # "Event loop is closed": expected, the abort flag is set first
-    if transport is not None:
-        try:
-            transport._call_connection_lost(None)
-        except Exception:
-            logger.debug("closing a dead loop's transport failed", exc_info=True)
-
-
-def _drop_without_io(driver: Any) -> None:
-    """Make an inherited asyncpg connection inert in a forked child.
-
-    Marked aborted, asyncpg's ``terminate()`` and ``__del__`` leave it alone;
-    the child's copy of the socket is pointed at /dev/null (not closed, so a
-    later close by its transport cannot hit a reused descriptor), which lets
-    the server see the connection end once the parent closes its own copy.
-    No shutdown(): that would cut the parent's connection too.
-    """
-    driver._aborted = True
-    transport = getattr(driver, "_transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    fd = sock.fileno() if sock is not None else -1
-    if fd < 0:
-        return
-    null = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.dup2(null, fd)
-    finally:
-        os.close(null)
-
-
-def _caller_stack() -> str:
-    """The stack that checked the connection out, across SQLAlchemy's greenlet bridge."""
-    frames = list(traceback.extract_stack())
-    parent = greenlet.getcurrent().parent
-    if parent is not None and parent.gr_frame is not None:
-        frames = list(traceback.extract_stack(parent.gr_frame)) + frames
-    # The event loop's own frames say nothing about who leaked: drop them,
-    # so the frames kept are the caller's.
-    noise = ("/sqlalchemy/", "/asyncpool/_pool", "/asyncio/")
-    keep = [f for f in frames if not any(part in f.filename for part in noise)]
-    return "".join(traceback.format_list(keep[-12:])).rstrip()

@@ -1,0 +1,85 @@
+"""Everything that knows a driver's internals, behind one small interface.
+
+The pool never names a driver's private attributes: it asks its ``Driver``
+whether a connection is settled, how to abort it without a round trip, how
+to drop it without any I/O in a forked child, how to stop its statement on
+the server, and how to ping it. A second driver is one more module here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import Any, Protocol
+
+__all__ = ["ConnectionState", "Driver", "driver_for"]
+
+
+class ConnectionState(enum.Enum):
+    """What a connection is doing, as far as its driver knows without a round trip."""
+
+    #: Open, no statement running, outside any transaction: safe to hand out.
+    IDLE = "idle"
+    #: Inside a transaction block, healthy or failed (``BEGIN`` without its end).
+    IN_TRANSACTION = "in_transaction"
+    #: A statement is running (its result has not been read yet).
+    BUSY = "busy"
+    #: A statement was cancelled and the server has not acknowledged it yet.
+    CANCELLING = "cancelling"
+    #: The driver's protocol saw something it could not handle (an error
+    #: pushed by the server while idle: a terminated backend, a restart).
+    BROKEN = "broken"
+    #: The socket is closed.
+    CLOSED = "closed"
+
+
+class Driver(Protocol):
+    """The operations the pool needs from a driver; ``conn`` is the driver's connection."""
+
+    name: str
+
+    def state(self, conn: Any) -> ConnectionState:
+        """Cheap, no I/O: called at every give-back."""
+
+    def unsettled(self, conn: Any) -> bool:
+        """Cheap, no I/O: True unless ``state(conn)`` is ``IDLE``."""
+
+    def loop_of(self, conn: Any) -> asyncio.AbstractEventLoop | None:
+        """The event loop the connection belongs to."""
+
+    def server_version(self, conn: Any) -> int:
+        """``server_version_num`` as PostgreSQL reports it (150004), 0 if unknown."""
+
+    def abort(self, conn: Any) -> None:
+        """Close the socket now, no round trip (the server sees the connection end)."""
+
+    def abandon(self, conn: Any) -> None:
+        """Drop a connection whose event loop is closed, without using that loop."""
+
+    def drop_without_io(self, conn: Any) -> None:
+        """In a forked child: make an inherited connection inert, no I/O at all."""
+
+    async def ping(self, conn: Any, seconds: float) -> None:
+        """One cheap round trip outside any transaction; raises if it fails."""
+
+    async def settle(self, conn: Any) -> bool:
+        """Stop what the connection is doing on the server (a CancelRequest for a
+        running statement) and wait until the server has acknowledged it.
+        Returns False when the statement belonged to someone still using the
+        connection (so it must not be reused)."""
+
+    async def rollback(self, conn: Any) -> None:
+        """End any transaction block the server still has open (simple protocol)."""
+
+    async def close(self, conn: Any) -> None:
+        """Close gracefully: the server ends the backend at once."""
+
+    async def set_session(self, conn: Any, settings: dict[str, str]) -> None:
+        """``SET`` session settings (one round trip)."""
+
+
+def driver_for(dialect: Any) -> Driver:
+    """The driver behind a SQLAlchemy dialect (asyncpg today)."""
+    from ._asyncpg import ASYNCPG
+
+    return ASYNCPG

@@ -1,0 +1,160 @@
+"""asyncpg: what the pool needs to know about its connections.
+
+asyncpg keeps a connection's protocol state in its Cython ``Protocol``
+object, mostly in C-level fields. Two things are public: the transaction
+status of the last ReadyForQuery (``is_in_transaction()``) and whether a
+cancellation is under way (``_is_cancelling()``). Whether a statement is
+running, or whether the protocol choked on a message the server pushed while
+idle (a ``FATAL`` from ``pg_terminate_backend`` arrives before the socket
+closes), lives in fields Python cannot name. The garbage collector can list
+them: ``gc.get_referents()`` visits every object field, and an idle,
+healthy protocol holds no future (a waiter), no timer (a statement timeout)
+and no exception (an unread error). It costs about 0.3 us. Should a future
+asyncpg hold such objects while idle, the only effect is an extra pre-ping
+or clean-up, never a dirty connection handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+from typing import Any, Final
+
+from . import ConnectionState
+
+__all__ = ["ASYNCPG"]
+
+#: Objects an idle, healthy protocol does not hold.
+_UNSETTLED_FIELDS: Final = (BaseException, asyncio.Future, asyncio.TimerHandle)
+
+_IDLE: Final = ConnectionState.IDLE
+_CLOSED: Final = ConnectionState.CLOSED
+
+
+class _Asyncpg:
+    name = "asyncpg"
+
+    def state(self, conn: Any) -> ConnectionState:
+        protocol = conn._protocol
+        if protocol is None or conn._aborted or not protocol.is_connected():
+            return _CLOSED
+        if protocol._is_cancelling():
+            return ConnectionState.CANCELLING
+        for field in gc.get_referents(protocol):
+            if isinstance(field, _UNSETTLED_FIELDS):
+                if isinstance(field, BaseException):
+                    return ConnectionState.BROKEN
+                return ConnectionState.BUSY
+        if protocol.is_in_transaction() or conn._top_xact is not None:
+            return ConnectionState.IN_TRANSACTION
+        return _IDLE
+
+    def unsettled(self, conn: Any) -> bool:
+        return self.state(conn) is not _IDLE
+
+    def loop_of(self, conn: Any) -> asyncio.AbstractEventLoop | None:
+        loop: asyncio.AbstractEventLoop | None = getattr(conn, "_loop", None)
+        return loop
+
+    def server_version(self, conn: Any) -> int:
+        version = conn.get_server_version()
+        return int(version.major) * 10000 + int(version.minor)
+
+    def abort(self, conn: Any) -> None:
+        # terminate() writes the Terminate message, closes the socket and
+        # cancels asyncpg's own CancelRequest task, all without awaiting.
+        conn.terminate()
+
+    def abandon(self, conn: Any) -> None:
+        """Shut the socket down (the server ends the backend at once) and close
+        the transport by hand: the closed loop cannot run its callbacks."""
+        transport = getattr(conn, "_transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            # uvloop hands out a pseudo-socket without shutdown(): use the
+            # descriptor through a real socket object that does not own it.
+            try:
+                fd = sock.fileno()
+                if fd >= 0:
+                    _shutdown_fd(fd)
+            except OSError:
+                pass
+        try:
+            conn.terminate()
+        except RuntimeError:
+            pass  # "Event loop is closed": expected, the abort flag is set first
+        if transport is not None and hasattr(transport, "_call_connection_lost"):
+            try:
+                transport._call_connection_lost(None)
+            except Exception:  # pragma: no cover - depends on the loop
+                pass
+
+    def drop_without_io(self, conn: Any) -> None:
+        """Marked aborted, asyncpg's ``terminate()`` and ``__del__`` leave it
+        alone; the child's copy of the socket is pointed at /dev/null (not
+        closed, so a later close by its transport cannot hit a reused
+        descriptor). No shutdown(): that would cut the parent's connection."""
+        conn._aborted = True
+        transport = getattr(conn, "_transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0:
+            return
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+
+    async def ping(self, conn: Any, seconds: float) -> None:
+        if conn.is_closed():
+            raise ConnectionError("connection is closed")
+        # Simple query protocol: no prepared statement, no transaction.
+        # (asyncpg's execute() chokes on the empty query ";".)
+        await conn.execute("SELECT 1", timeout=seconds)
+
+    async def settle(self, conn: Any) -> bool:
+        protocol = conn._protocol
+        if protocol is None:
+            raise ConnectionError("connection is closed")
+        state = self.state(conn)
+        ours = state is not ConnectionState.BUSY
+        if state is ConnectionState.BUSY:
+            # Somebody's statement still runs: stop it on the server, as
+            # asyncpg does itself when a close finds one running.
+            protocol._request_cancel()
+        if protocol._is_cancelling():
+            await protocol._wait_for_cancellation()
+        return ours
+
+    async def rollback(self, conn: Any) -> None:
+        # As asyncpg's own reset: forget its transaction object, end the block.
+        conn._top_xact = None
+        if conn._protocol.is_in_transaction():
+            await conn.execute("ROLLBACK")
+
+    async def close(self, conn: Any) -> None:
+        await conn.close()
+
+    async def set_session(self, conn: Any, settings: dict[str, str]) -> None:
+        await conn.execute(
+            "; ".join(f"SET {name} = {_quote(value)}" for name, value in settings.items())
+        )
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _shutdown_fd(fd: int) -> None:
+    """``shutdown(SHUT_RDWR)`` on a descriptor we do not own (the transport does)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        sock.detach()  # leave the descriptor open: the transport closes it
+
+
+ASYNCPG: Final = _Asyncpg()
