@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 
-from asyncpool._pool import _leaks as leaks_module
 from asyncpool import statistics
+from asyncpool._pool import _leaks as leaks_module
 from asyncpool.engine import pool_of
 from tests.fix_db import EngineFactory, wait_until
 
