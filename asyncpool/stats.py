@@ -28,6 +28,9 @@ class PoolStatistics:
     - ``idle``: open connections waiting in the pool now.
     - ``overflow``: connections open above ``pool_size`` now.
     - ``waiting``: callers queued for a connection now (requests).
+    - ``cleaning``: connections being put in order after their caller gave up
+      or gave them back unclean (statement cancelled on the server, rolled
+      back); each keeps its slot and counts in ``checked_out`` until done.
 
     Counters since the engine was created:
 
@@ -43,6 +46,10 @@ class PoolStatistics:
     - ``invalidations``: connections discarded as unusable, for any reason.
     - ``recycles``: connections replaced for age (``pool_recycle``).
     - ``leaks_detected``: checkouts held past ``leak_threshold``.
+    - ``cleanups`` / ``cleanups_reused``: connections put in order / of those,
+      clean again and back in the pool (the rest were closed).
+    - ``cleanup_timeouts``: cleanups that took over ``cleanup_timeout`` and
+      aborted their connection.
     """
 
     name: str
@@ -52,6 +59,7 @@ class PoolStatistics:
     idle: int
     overflow: int
     waiting: int
+    cleaning: int
     checkouts: int
     waits: int
     wait_seconds_total: float
@@ -65,6 +73,9 @@ class PoolStatistics:
     invalidations: int
     recycles: int
     leaks_detected: int
+    cleanups: int
+    cleanups_reused: int
+    cleanup_timeouts: int
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
@@ -87,6 +98,7 @@ def statistics(engine: Any) -> PoolStatistics:
         idle=idle,
         overflow=max(size - config.pool_size, 0),
         waiting=pool.waiting,
+        cleaning=pool.cleaning,
         checkouts=counters.checkouts,
         waits=counters.waits,
         wait_seconds_total=counters.wait_seconds_total,
@@ -100,4 +112,7 @@ def statistics(engine: Any) -> PoolStatistics:
         invalidations=counters.invalidations,
         recycles=counters.recycles,
         leaks_detected=counters.leaks_detected,
+        cleanups=counters.cleanups,
+        cleanups_reused=counters.cleanups_reused,
+        cleanup_timeouts=counters.cleanup_timeouts,
     )

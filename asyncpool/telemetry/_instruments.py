@@ -125,6 +125,13 @@ SPECS: Final[tuple[InstrumentSpec, ...]] = (
         sc.UNIT_REQUEST,
         "Checkouts refused at once because max_waiting callers were already waiting.",
     ),
+    InstrumentSpec(
+        sc.ASYNCPOOL_CONNECTION_CLEANING,
+        "updowncounter",
+        sc.UNIT_CONNECTION,
+        "Connections being put in order on the server (statement cancelled, rolled back) "
+        "after their caller gave up; each keeps its slot, and counts as used.",
+    ),
 )
 
 #: Bucket advice (seconds). The conventions give none for pool histograms;
@@ -203,6 +210,7 @@ class PoolInstruments:
             _observable(meter, sc.DB_CLIENT_CONNECTION_IDLE_MAX, self._observe_idle_max),
             _observable(meter, sc.DB_CLIENT_CONNECTION_IDLE_MIN, self._observe_idle_min),
             _observable(meter, sc.DB_CLIENT_CONNECTION_PENDING_REQUESTS, self._observe_pending),
+            _observable(meter, sc.ASYNCPOOL_CONNECTION_CLEANING, self._observe_cleaning),
         )
 
     def add(self, reader: PoolReader) -> None:
@@ -250,6 +258,9 @@ class PoolInstruments:
 
     def _observe_pending(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(pool.waiting, r.attributes) for r, pool in self._live()]
+
+    def _observe_cleaning(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(pool.cleaning, r.attributes) for r, pool in self._live()]
 
 
 _by_provider: weakref.WeakKeyDictionary[Any, PoolInstruments] = weakref.WeakKeyDictionary()

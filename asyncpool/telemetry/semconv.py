@@ -48,6 +48,8 @@ ASYNCPOOL_CONNECTION_INVALIDATIONS: Final = "asyncpool.connection.invalidations"
 ASYNCPOOL_CONNECTION_ERRORS: Final = "asyncpool.connection.errors"
 #: Counter: checkouts refused at once because ``max_waiting`` callers already waited.
 ASYNCPOOL_CHECKOUT_REJECTED: Final = "asyncpool.checkout.rejected"
+#: UpDownCounter: connections being cleaned after their caller gave up (each holds a slot).
+ASYNCPOOL_CONNECTION_CLEANING: Final = "asyncpool.connection.cleaning"
 
 # -------------------------------------------------------------------- units
 

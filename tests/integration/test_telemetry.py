@@ -25,6 +25,7 @@ from asyncpool.telemetry import Instrumentation, instrument
 from asyncpool.telemetry import semconv as sc
 from tests.fix_db import EngineFactory, TestDatabase, wait_until
 from tests.fix_otlp import Otel
+from tests.fix_proxy import FaultProxy, proxied_url
 
 COUNT = sc.DB_CLIENT_CONNECTION_COUNT
 USED = {"db__client__connection__state": "used"}
@@ -449,3 +450,41 @@ async def test_an_instrumented_engine_that_is_dropped_is_freed_and_leaves_the_me
     assert dropped() is None  # the provider's instruments did not keep it alive
     assert otel.points(otel.collect(), COUNT, app_name) == []
     handle.uninstrument()  # harmless after the engine is gone
+
+
+async def test_a_connection_being_cleaned_shows_as_cleaning_and_used_until_done(
+    make_engine: EngineFactory,
+    database: TestDatabase,
+    fault_proxy: FaultProxy,
+    otel: Otel,
+    app_name: str,
+) -> None:
+    # A statement cancelled while the network is black-holed: the server's
+    # acknowledgement never comes, so the cleanup holds its slot until
+    # cleanup_timeout aborts the connection.
+    engine = make_engine(
+        proxied_url(database, fault_proxy), pool_size=1, max_overflow=0, cleanup_timeout=1.0
+    )
+    instrument(engine, otel.meter_provider, otel.tracer_provider)
+    task = asyncio.ensure_future(hold_statement(engine))
+    await wait_until(lambda: asyncpool.statistics(engine).checkouts == 1, what="the checkout")
+    await asyncio.sleep(0.05)  # the statement is on its way
+    fault_proxy.black_hole()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    metrics = otel.collect()
+    assert otel.value(metrics, sc.ASYNCPOOL_CONNECTION_CLEANING, app_name) == 1
+    assert otel.value(metrics, COUNT, app_name, **USED) == 1
+    assert asyncpool.statistics(engine).cleaning == 1
+    await wait_until(lambda: asyncpool.statistics(engine).cleaning == 0, what="cleanup_timeout")
+    fault_proxy.forward()
+    metrics = otel.collect()
+    assert otel.value(metrics, sc.ASYNCPOOL_CONNECTION_CLEANING, app_name) == 0
+    assert otel.value(metrics, COUNT, app_name, **USED) == 0
+    assert asyncpool.statistics(engine).cleanup_timeouts == 1
+
+
+async def hold_statement(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT pg_sleep(5)"))

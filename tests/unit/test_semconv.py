@@ -140,6 +140,7 @@ def test_asyncpool_names_are_prefixed_and_collide_with_no_convention_name() -> N
         sc.ASYNCPOOL_CONNECTION_INVALIDATIONS,
         sc.ASYNCPOOL_CONNECTION_ERRORS,
         sc.ASYNCPOOL_CHECKOUT_REJECTED,
+        sc.ASYNCPOOL_CONNECTION_CLEANING,
     ]
     for name in [
         *own,
