@@ -381,3 +381,40 @@ async def test_retry_gives_up_after_its_attempts_with_the_last_error(
         await unreachable()
     assert attempts == 3 and is_disconnect(failed.value)
     assert statistics(engine).checked_out == 0
+
+
+async def test_retry_reruns_an_insert_else_update_whose_update_lost_its_connection(
+    make_engine: EngineFactory, database: TestDatabase, fault_proxy: FaultProxy, app_name: str
+) -> None:
+    # The update's disconnect is raised while the insert's 23505 is being
+    # handled: it is still a disconnect, and the whole unit runs again.
+    engine = make_engine(proxied_url(database, fault_proxy), pool_size=1, max_overflow=0)
+    await database.fetch("CREATE TABLE IF NOT EXISTS upsert_counts (id int PRIMARY KEY, n int)")
+    await database.fetch(
+        "INSERT INTO upsert_counts VALUES (1, 0) ON CONFLICT (id) DO UPDATE SET n = 0"
+    )
+    attempts = 0
+
+    @asyncpool.retry(attempts=3, backoff=0.01)
+    async def insert_else_update() -> None:
+        nonlocal attempts
+        attempts += 1
+        async with engine.connect() as conn:
+            try:
+                async with conn.begin():
+                    await conn.execute(text("INSERT INTO upsert_counts VALUES (1, 1)"))
+            except sa_exc.IntegrityError:
+                if attempts == 1:
+                    fault_proxy.reset()
+                async with conn.begin():
+                    await conn.execute(text("UPDATE upsert_counts SET n = n + 1 WHERE id = 1"))
+
+    await insert_else_update()
+    assert attempts == 2
+    assert await database.fetchval("SELECT n FROM upsert_counts WHERE id = 1") == 1
+
+    async def only_the_new_backend_is_left() -> bool:
+        return [r["state"] for r in await database.backends(app_name)] == ["idle"]
+
+    await wait_for_async(only_the_new_backend_is_left, what="the reset backend to exit")
+    assert statistics(engine).checked_out == 0

@@ -123,6 +123,41 @@ def test_the_cause_chain_is_followed_and_cycles_do_not_hang() -> None:
     assert classify(outer) == "admin_shutdown"
 
 
+def test_a_disconnect_while_handling_a_constraint_violation_is_a_disconnect() -> None:
+    # "Insert, else update": the update's disconnect carries the insert's
+    # 23505 as its context, which SQLAlchemy's ``raise ... from`` suppresses.
+    duplicate = as_sqlalchemy_raises(pg.UniqueViolationError("duplicate key"))
+    try:
+        try:
+            raise duplicate
+        except sa_exc.DBAPIError:
+            closed = as_sqlalchemy_raises(pg.ConnectionDoesNotExistError("closed mid-operation"))
+            assert isinstance(closed, sa_exc.DBAPIError)
+            raise closed from closed.orig
+    except sa_exc.DBAPIError as raised:
+        assert raised.__context__ is duplicate
+        assert classify(raised) == "connection_exception" and is_disconnect(raised)
+        assert sqlstate_of(raised) == "08003"
+
+
+def test_an_error_raised_from_none_in_a_disconnect_handler_is_not_a_disconnect() -> None:
+    disconnect = as_sqlalchemy_raises(pg.AdminShutdownError("terminating connection"))
+    for suppress in (True, False):
+        try:
+            try:
+                raise disconnect
+            except sa_exc.DBAPIError:
+                if suppress:
+                    raise LookupError("no such order") from None
+                # Without ``from``: Python shows the disconnect as its context.
+                raise LookupError("no such order")  # noqa: B904
+        except LookupError as raised:
+            error: LookupError = raised
+        # Python's traceback shows the disconnect only without ``from None``.
+        assert is_disconnect(error) is not suppress
+        assert classify(error) == ("error" if suppress else "admin_shutdown")
+
+
 def test_cancellation_is_labelled_not_a_disconnect() -> None:
     assert classify(asyncio.CancelledError()) == "cancelled"
     assert not is_disconnect(asyncio.CancelledError())
