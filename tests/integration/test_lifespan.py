@@ -215,6 +215,28 @@ async def test_lifespan_can_be_entered_again_after_it_ended(make_engine: EngineF
             assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
 
 
+async def test_nested_lifespan_keeps_the_outer_one_open(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    engine = make_engine(pool_size=2)
+    async with pool_lifespan(engine):
+        async with pool_lifespan(engine):
+            assert statistics(engine).connects == 2  # warmed once, by the outer one
+        await engine.dispose()  # a new pool object: the count is the engine's, not the pool's
+        async with pool_lifespan(engine):
+            pass
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+        assert await backend_count(database, app_name) == 1
+    assert statistics(engine).size == 0
+    with pytest.raises(PoolClosedError):
+        async with engine.connect():
+            pass
+    await wait_for_async(
+        lambda: _none_left(database, app_name), what="every backend to close", within=5
+    )
+
+
 async def test_something_that_is_neither_engine_nor_group_is_refused() -> None:
     with pytest.raises(TypeError, match="'engines' attribute"):
         async with pool_lifespan(object()):
