@@ -71,7 +71,8 @@ _open_lifespans: dict[PoolState, int] = {}
 
 
 class DrainTimedOut(Exception):
-    """Why a straggler was terminated: it outlived ``drain_timeout`` at shutdown."""
+    """Why a straggler was terminated: it outlived the drain at shutdown
+    (``drain_timeout``, or a shutdown that was cancelled)."""
 
 
 def engines_of(*items: Any) -> tuple[AsyncEngine, ...]:
@@ -281,20 +282,26 @@ async def _shutdown(engines: tuple[AsyncEngine, ...], *, drain_timeout: float) -
         pool.state.closed = True
         pool.reject_waiters()  # queued callers fail now, not after being served late
     cancelled: asyncio.CancelledError | None = None
+    started = time.monotonic()
     try:
         await _drain(pools, drain_timeout)
     except asyncio.CancelledError as exc:
         cancelled = exc  # still terminate and dispose below, then re-raise
+    # A cancelled drain did not wait drain_timeout: say how long it did wait.
+    if cancelled is None:
+        why = f"after drain_timeout={drain_timeout:g} s"
+    else:
+        why = f"when the shutdown was cancelled {time.monotonic() - started:.2f} s into the drain"
     for pool in pools:
         stragglers = pool.terminate_lent(
-            DrainTimedOut(f"pool {pool.name!r}: still checked out after drain_timeout")
+            DrainTimedOut(f"pool {pool.name!r}: still checked out {why}")
         )
         if stragglers:
             logger.warning(
-                "pool %r: %d connections still checked out after drain_timeout=%g s; terminated",
+                "pool %r: %d connections still checked out %s; terminated",
                 pool.name,
                 stragglers,
-                drain_timeout,
+                why,
             )
     for engine in engines:
         try:
