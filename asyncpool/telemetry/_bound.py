@@ -17,7 +17,9 @@ does the attribute work once per pool, and then:
   observable callback before it collects the histograms, so each
   collection sees every value recorded before it. The first value after a
   flush still finds or creates the aggregations at once, so a series starts,
-  and takes its cardinality slot, when record() would have made it.
+  and takes its cardinality slot, when record() would have made it. A
+  histogram garbage-collected with its engine hands its values to the next
+  ``flush_all()``, so an engine dropped between collections loses nothing.
 * **direct**: a value the exemplar filter may want (by default: recorded in
   a sampled span), or any value when the views disagree on buckets
   (exponential, dropped, ...), goes straight into each view's aggregation
