@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Iterator
 from typing import Final
 
-__all__ = ["classify", "invalidates_pool", "is_disconnect", "sqlstate_of"]
+__all__ = ["classify", "is_disconnect", "sqlstate_of"]
 
 _SQLSTATE_LABELS: Final = {
     "57P01": "admin_shutdown",
@@ -33,7 +33,6 @@ _DISCONNECT_LABELS: Final = frozenset(
         "connection_exception",
         "connection_closed",
         "protocol_error",
-        "read_only_transaction",
     }
 )
 
@@ -133,14 +132,14 @@ def _label(run: list[BaseException]) -> str | None:
 
 
 def is_disconnect(exc: BaseException) -> bool:
-    """True when the connection that raised ``exc`` must not be reused."""
-    return classify(exc) in _DISCONNECT_LABELS
+    """True when the connection that raised ``exc`` must not be reused.
 
-
-def invalidates_pool(exc: BaseException) -> bool:
-    """True when every pooled connection is suspect, not just this one.
-
-    25006 (read-only transaction) on a pool meant for writes means the server
-    was demoted by a failover: all its connections point at a replica now.
+    25006 (read-only transaction) only when the pool's error handling found
+    the server itself read-only (a demoted primary) and SQLAlchemy
+    invalidated the connection for it; a write inside the application's own
+    ``READ ONLY`` transaction is not a disconnect, and is never retried.
     """
-    return sqlstate_of(exc) == "25006"
+    label = classify(exc)
+    if label == "read_only_transaction":
+        return any(getattr(link, "connection_invalidated", False) is True for link in _chain(exc))
+    return label in _DISCONNECT_LABELS
