@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Iterator
 from typing import Final
 
-__all__ = ["classify", "invalidates_pool", "is_disconnect", "sqlstate_of"]
+__all__ = ["classify", "is_disconnect", "sqlstate_of"]
 
 _SQLSTATE_LABELS: Final = {
     "57P01": "admin_shutdown",
@@ -33,49 +33,85 @@ _DISCONNECT_LABELS: Final = frozenset(
         "connection_exception",
         "connection_closed",
         "protocol_error",
-        "read_only_transaction",
     }
 )
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def _links(exc: BaseException) -> Iterator[list[BaseException]]:
+    """``exc``'s chain in Python's order, as runs of explicitly linked exceptions.
+
+    A run is an exception and what it wraps on purpose (SQLAlchemy's ``orig``,
+    ``driver_exception``, ``__cause__``). An implicit ``__context__`` (an error
+    raised while another was being handled) starts a later run, and only
+    where Python's traceback shows it: no ``__cause__`` and no
+    ``__suppress_context__`` (``raise ... from None``). So a disconnect
+    raised while handling a constraint violation is a disconnect.
+    """
     seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        todo.extend(
-            [
+    handled: list[BaseException] = [exc]
+    while handled:
+        run: list[BaseException] = []
+        todo: list[BaseException] = [handled.pop(0)]
+        while todo:
+            current = todo.pop()
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            run.append(current)
+            wrapped = [
                 getattr(current, "orig", None),
                 getattr(current, "driver_exception", None),
                 current.__cause__,
-                current.__context__,
             ]
-        )
+            todo.extend(w for w in reversed(wrapped) if isinstance(w, BaseException))
+            context = current.__context__
+            shown = current.__cause__ is None and not current.__suppress_context__
+            if context is not None and shown:
+                handled.append(context)
+        if run:
+            yield run
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    for run in _links(exc):
+        yield from run
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
     """The PostgreSQL SQLSTATE carried by ``exc`` or what it wraps, if any."""
     for current in _chain(exc):
-        code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
-        if isinstance(code, str) and len(code) == 5:
+        code = _own_sqlstate(current)
+        if code is not None:
             return code
     return None
 
 
+def _own_sqlstate(current: BaseException) -> str | None:
+    code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+    return code if isinstance(code, str) and len(code) == 5 else None
+
+
 def classify(exc: BaseException) -> str:
-    """A short label: ``admin_shutdown``, ``connection_exception``, ``timeout``, ..."""
-    code = sqlstate_of(exc)
+    """A short label: ``admin_shutdown``, ``connection_exception``, ``timeout``, ...
+
+    The first run of the chain that says anything decides (see ``_links``).
+    """
+    for run in _links(exc):
+        label = _label(run)
+        if label is not None:
+            return label
+    return "error"
+
+
+def _label(run: list[BaseException]) -> str | None:
+    code = next((c for c in map(_own_sqlstate, run) if c is not None), None)
     if code is not None:
         if code in _SQLSTATE_LABELS:
             return _SQLSTATE_LABELS[code]
         if code.startswith("08"):
             return "connection_exception"
         return f"sqlstate_{code}"
-    for current in _chain(exc):
+    for current in run:
         name = type(current).__name__
         if name in {"ConnectionDoesNotExistError", "ConnectionResetError", "BrokenPipeError"}:
             return "connection_closed"
@@ -92,18 +128,18 @@ def classify(exc: BaseException) -> str:
             return "timeout"
         if isinstance(current, ConnectionError | EOFError):
             return "connection_closed"
-    return "error"
+    return None
 
 
 def is_disconnect(exc: BaseException) -> bool:
-    """True when the connection that raised ``exc`` must not be reused."""
-    return classify(exc) in _DISCONNECT_LABELS
+    """True when the connection that raised ``exc`` must not be reused.
 
-
-def invalidates_pool(exc: BaseException) -> bool:
-    """True when every pooled connection is suspect, not just this one.
-
-    25006 (read-only transaction) on a pool meant for writes means the server
-    was demoted by a failover: all its connections point at a replica now.
+    25006 (read-only transaction) only when the pool's error handling found
+    the server itself read-only (a demoted primary) and SQLAlchemy
+    invalidated the connection for it; a write inside the application's own
+    ``READ ONLY`` transaction is not a disconnect, and is never retried.
     """
-    return sqlstate_of(exc) == "25006"
+    label = classify(exc)
+    if label == "read_only_transaction":
+        return any(getattr(link, "connection_invalidated", False) is True for link in _chain(exc))
+    return label in _DISCONNECT_LABELS

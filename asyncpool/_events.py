@@ -11,9 +11,11 @@ is already closed. That misses the cases that take services down:
   forever. The connection's state is unknown, so it is invalidated (aborted,
   no round trip), as pgx and HikariCP do. (SQLAlchemy 2.1 does the same for a
   bare ``asyncio.TimeoutError``; this also covers a wrapped one.);
-* 25006 (read-only transaction) on a pool meant for writes: the primary was
-  demoted by a failover, so every pooled connection points at a replica now.
-  That one connection is invalidated and so is the rest of the pool.
+* 25006 (read-only transaction) when the server itself is read-only: the
+  primary was demoted by a failover, so every pooled connection points at a
+  replica now. That one connection is invalidated and so is the rest of the
+  pool. A fresh connection tells (``_readonly``); a write inside the
+  application's own ``READ ONLY`` transaction is left as the error it is.
 
 The listener only marks errors; SQLAlchemy does the invalidation, and each one
 lands in ``invalidations_by_reason`` through the pool's ``invalidate`` listener.
@@ -26,7 +28,8 @@ from typing import TYPE_CHECKING, Final
 
 from sqlalchemy import event
 
-from ._classify import classify, invalidates_pool, is_disconnect
+from ._classify import classify, is_disconnect
+from ._readonly import server_is_read_only
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import ExceptionContext
@@ -59,25 +62,47 @@ def _on_error(context: ExceptionContext) -> None:
         context.is_disconnect = True
         context.invalidate_pool_on_disconnect = False
         return
+    if label == "read_only_transaction":
+        _on_read_only(context, error)
+        return
     if not (context.is_disconnect or is_disconnect(error)):
         return
     context.is_disconnect = True
     pool = _pool_of(context)
-    whole_pool = invalidates_pool(error)
     # SQLAlchemy's default reconnects every pooled connection after any
     # disconnect. With the pre-ping on, one dead backend (a killed pid) does
     # not condemn the others: the ping finds any other dead one unseen.
-    pre_ping = pool is None or pool.state.config.pre_ping
-    context.invalidate_pool_on_disconnect = whole_pool or not pre_ping
-    if whole_pool and pool is not None:
-        dropped = pool.invalidate_idle(error)
+    context.invalidate_pool_on_disconnect = pool is None or not pool.state.config.pre_ping
+
+
+def _on_read_only(context: ExceptionContext, error: Exception) -> None:
+    """25006: condemn the pool only if the server is read-only, not just this transaction."""
+    pool = _pool_of(context)
+    if pool is None:
+        return
+    config = pool.state.config
+    # Bounded as a checkout is at worst: a connect, then one round trip.
+    timeout = config.connect_timeout + config.pre_ping_timeout
+    read_only = server_is_read_only(pool, context.dialect, timeout)
+    if read_only is None:
         logger.warning(
-            "pool %r: %s (SQLSTATE 25006): the server is read-only, presumably a demoted "
-            "primary; invalidated the whole pool (%d idle connections closed)",
+            "pool %r: read_only_transaction (SQLSTATE 25006), and whether the server is "
+            "read-only could not be told (asked for at most %g s); the pool is left as it is",
             pool.name,
-            label,
-            dropped,
+            timeout,
         )
+    if not read_only:
+        return  # a write in the application's own READ ONLY transaction
+    context.is_disconnect = True
+    context.invalidate_pool_on_disconnect = True
+    dropped = pool.invalidate_idle(error)
+    logger.warning(
+        "pool %r: read_only_transaction (SQLSTATE 25006) and a fresh connection is read-only "
+        "too: presumably a demoted primary; invalidated the whole pool (%d idle connections "
+        "closed)",
+        pool.name,
+        dropped,
+    )
 
 
 def _pool_of(context: ExceptionContext) -> FairAsyncPool | None:

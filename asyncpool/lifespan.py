@@ -20,6 +20,10 @@ out get ``drain_timeout`` seconds to come back (each is closed as it returns);
 stragglers are then terminated (no round trip); finally every engine is
 disposed on the loop that owns it. Nothing is left for the garbage collector,
 so nothing is printed at exit.
+
+**Nesting.** Lifespans of one engine nest by counting: an inner one (a test
+fixture inside an app's lifespan, a sub-application) neither warms the pool
+again nor closes it; only the outermost exit drains and disposes.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from ._classify import sqlstate_of
-from ._pool import FairAsyncPool
+from ._pool import FairAsyncPool, PoolState
 from .budget import BudgetMode, check_budget
 from .engine import pool_of
 from .errors import AsyncPoolError, ConfigurationError, DatabaseUnavailableError
@@ -60,8 +64,15 @@ _RETRY_FIRST: Final = 0.1
 _RETRY_MAX: Final = 1.0
 
 
+#: Lifespans open per engine, keyed by its ``PoolState`` (which outlives the
+#: pool objects that ``engine.dispose()`` replaces). A plain dict, since the
+#: state takes no weak references: an entry lives only while a lifespan is open.
+_open_lifespans: dict[PoolState, int] = {}
+
+
 class DrainTimedOut(Exception):
-    """Why a straggler was terminated: it outlived ``drain_timeout`` at shutdown."""
+    """Why a straggler was terminated: it outlived the drain at shutdown
+    (``drain_timeout``, or a shutdown that was cancelled)."""
 
 
 def engines_of(*items: Any) -> tuple[AsyncEngine, ...]:
@@ -111,27 +122,53 @@ async def pool_lifespan(
     """
     everything = engines_of(*engines)
     flat = tuple(e for e in everything if not isinstance(e.sync_engine.pool, NullPool))
-    pools = [pool_of(engine) for engine in flat]  # fails early for a foreign engine
+    for engine in flat:
+        pool_of(engine)  # fails early for a foreign engine
     if not warm_timeout > 0:
         raise ConfigurationError("warm_timeout", warm_timeout, "a number of seconds > 0")
     if not drain_timeout >= 0:
         raise ConfigurationError("drain_timeout", drain_timeout, "a number of seconds >= 0")
-    for pool in pools:
-        pool.state.closed = False  # a lifespan entered again (tests, reload) reopens
+    opened = _enter(flat)
     try:
         await check_budget(engines, processes, budget)  # groups keep their roles
         if warm:
-            await _warm_all(flat, warm_timeout)
+            await _warm_all(opened, warm_timeout)  # an outer lifespan warmed the others
     except BaseException:
-        await _shutdown(flat, drain_timeout=0.0)
+        await _shutdown(_leave(flat), drain_timeout=0.0)
         raise
     try:
         yield everything
     finally:
-        await _shutdown(flat, drain_timeout=drain_timeout)
+        await _shutdown(_leave(flat), drain_timeout=drain_timeout)
         for engine in everything:
             if engine not in flat:
                 await engine.dispose()
+
+
+def _enter(engines: tuple[AsyncEngine, ...]) -> tuple[AsyncEngine, ...]:
+    """Count a lifespan in for each engine; those it opens (no other lifespan had them)."""
+    opened = []
+    for engine in engines:
+        state = pool_of(engine).state
+        count = _open_lifespans.get(state, 0)
+        if count == 0:
+            state.closed = False  # a lifespan entered again (tests, reload) reopens
+            opened.append(engine)
+        _open_lifespans[state] = count + 1
+    return tuple(opened)
+
+
+def _leave(engines: tuple[AsyncEngine, ...]) -> tuple[AsyncEngine, ...]:
+    """Count a lifespan out for each engine; those whose last lifespan this was."""
+    last = []
+    for engine in engines:
+        state = pool_of(engine).state
+        count = _open_lifespans.pop(state, 1) - 1
+        if count > 0:
+            _open_lifespans[state] = count
+        else:
+            last.append(engine)
+    return tuple(last)
 
 
 # --------------------------------------------------------------------- start
@@ -245,20 +282,26 @@ async def _shutdown(engines: tuple[AsyncEngine, ...], *, drain_timeout: float) -
         pool.state.closed = True
         pool.reject_waiters()  # queued callers fail now, not after being served late
     cancelled: asyncio.CancelledError | None = None
+    started = time.monotonic()
     try:
         await _drain(pools, drain_timeout)
     except asyncio.CancelledError as exc:
         cancelled = exc  # still terminate and dispose below, then re-raise
+    # A cancelled drain did not wait drain_timeout: say how long it did wait.
+    if cancelled is None:
+        why = f"after drain_timeout={drain_timeout:g} s"
+    else:
+        why = f"when the shutdown was cancelled {time.monotonic() - started:.2f} s into the drain"
     for pool in pools:
         stragglers = pool.terminate_lent(
-            DrainTimedOut(f"pool {pool.name!r}: still checked out after drain_timeout")
+            DrainTimedOut(f"pool {pool.name!r}: still checked out {why}")
         )
         if stragglers:
             logger.warning(
-                "pool %r: %d connections still checked out after drain_timeout=%g s; terminated",
+                "pool %r: %d connections still checked out %s; terminated",
                 pool.name,
                 stragglers,
-                drain_timeout,
+                why,
             )
     for engine in engines:
         try:

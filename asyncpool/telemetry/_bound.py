@@ -17,7 +17,9 @@ does the attribute work once per pool, and then:
   observable callback before it collects the histograms, so each
   collection sees every value recorded before it. The first value after a
   flush still finds or creates the aggregations at once, so a series starts,
-  and takes its cardinality slot, when record() would have made it.
+  and takes its cardinality slot, when record() would have made it. A
+  histogram garbage-collected with its engine hands its values to the next
+  ``flush_all()``, so an engine dropped between collections loses nothing.
 * **direct**: a value the exemplar filter may want (by default: recorded in
   a sampled span), or any value when the views disagree on buckets
   (exponential, dropped, ...), goes straight into each view's aggregation
@@ -49,6 +51,7 @@ limits and exemplars: ``tests/unit/test_bound_histogram.py``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -72,6 +75,8 @@ logger = logging.getLogger("asyncpool.telemetry")
 DISABLE_ENV: Final = "ASYNCPOOL_OTEL_BOUND_HISTOGRAMS"
 
 Record = Callable[[float], None]
+#: (view match, aggregation key, the attributes as that view keeps them)
+Target = tuple[Any, Any, dict[str, AttributeValue]]
 
 
 def bound_histograms_enabled() -> bool:
@@ -163,7 +168,7 @@ class BoundHistogram:
         # the filter itself decides.
         self._may_sample: Callable[[], bool] | None = None
         # (view match, aggregation key, the attributes as that view keeps them)
-        self._targets: tuple[tuple[Any, Any, dict[str, AttributeValue]], ...] = ()
+        self._targets: tuple[Target, ...] = ()
         # The buckets every view shares; None: no local pre-aggregation.
         self._boundaries: tuple[float, ...] | None = None
         self._local: _Buckets | None = None
@@ -238,44 +243,23 @@ class BoundHistogram:
             local, self._local = self._local, None
         if local is None or not self._targets:
             return
-
-        def merge(aggregation: Any) -> None:
-            if type(aggregation) is not _sdk().ExplicitBucketHistogramAggregation:
-                raise TypeError(f"unexpected aggregation {type(aggregation).__name__}")
-            with aggregation._lock:
-                if aggregation._value is None:
-                    aggregation._value = aggregation._get_empty_bucket_counts()
-                totals = aggregation._value
-                for index, count in enumerate(local.counts):
-                    totals[index] += count
-                aggregation._sum += local.sum
-                if aggregation._record_min_max:
-                    aggregation._min = min(aggregation._min, local.min)
-                    aggregation._max = max(aggregation._max, local.max)
-
         try:
-            self._each_aggregation(merge)
+            _merge(local, self._targets)
         except Exception:
             self._give_up(f"a flush failed; {sum(local.counts)} values lost")
 
-    def _each_aggregation(self, use: Callable[[Any], None]) -> None:
-        """``use`` each view's aggregation for our attributes, found as
-        ``_ViewInstrumentMatch.consume_measurement`` finds it once it has the key.
+    def __del__(self) -> None:
+        # Dropped with its engine between two collections: hand what it holds
+        # to the next flush_all(). Not merged here: a garbage collection can
+        # run while the SDK holds the locks a merge takes.
+        try:
+            if self._local is not None and self._targets and not self._public:
+                _dropped.append((self._local, self._targets))
+        except Exception:  # interpreter shutdown: nothing left to export to
+            pass
 
-        A view match that resets on collection (delta) stays locked while
-        ``use`` runs, as in the SDK, so a collection cannot take the
-        aggregation away half-way.
-        """
-        for match, key, kept in self._targets:
-            if match._reset_on_collect:
-                with match._lock:
-                    use(match._get_or_create_aggregation(key, kept))
-                continue
-            aggregation = match._attributes_aggregation.get(key)
-            if aggregation is None:
-                with match._lock:
-                    aggregation = match._get_or_create_aggregation(key, kept)
-            use(aggregation)
+    def _each_aggregation(self, use: Callable[[Any], None]) -> None:
+        _each_aggregation(self._targets, use)
 
     def _unbound(self, value: float) -> None:
         if not self._public and 0.0 <= value < math.inf and self._bind():
@@ -348,6 +332,9 @@ class BoundHistogram:
 
 _registry: weakref.WeakSet[BoundHistogram] = weakref.WeakSet()
 _registry_lock = threading.Lock()
+#: Pre-aggregated values of histograms that were garbage-collected (with
+#: their engine) before a collection took them; the next ``flush_all`` does.
+_dropped: collections.deque[tuple[_Buckets, tuple[Target, ...]]] = collections.deque()
 
 
 def flush_all() -> None:
@@ -357,11 +344,61 @@ def flush_all() -> None:
     the callbacks of an instrument created twice on one meter (which happens
     when engines were instrumented through the global proxy before the SDK
     was installed), and their histograms must not be held back for that.
+    Then the values that histograms dropped since the last collection left.
     """
     with _registry_lock:
         histograms = list(_registry)
     for histogram in histograms:
         histogram.flush()
+    while True:
+        try:
+            local, targets = _dropped.popleft()  # atomic: exporters may collect at once
+        except IndexError:
+            break
+        try:
+            _merge(local, targets)
+        except Exception:
+            logger.debug("a dropped histogram's %d values lost", sum(local.counts), exc_info=True)
+
+
+def _merge(local: _Buckets, targets: tuple[Target, ...]) -> None:
+    """Add pre-aggregated values to each view's aggregation, as ``record()`` would have."""
+
+    def merge(aggregation: Any) -> None:
+        if type(aggregation) is not _sdk().ExplicitBucketHistogramAggregation:
+            raise TypeError(f"unexpected aggregation {type(aggregation).__name__}")
+        with aggregation._lock:
+            if aggregation._value is None:
+                aggregation._value = aggregation._get_empty_bucket_counts()
+            totals = aggregation._value
+            for index, count in enumerate(local.counts):
+                totals[index] += count
+            aggregation._sum += local.sum
+            if aggregation._record_min_max:
+                aggregation._min = min(aggregation._min, local.min)
+                aggregation._max = max(aggregation._max, local.max)
+
+    _each_aggregation(targets, merge)
+
+
+def _each_aggregation(targets: tuple[Target, ...], use: Callable[[Any], None]) -> None:
+    """``use`` each view's aggregation for our attributes, found as
+    ``_ViewInstrumentMatch.consume_measurement`` finds it once it has the key.
+
+    A view match that resets on collection (delta) stays locked while
+    ``use`` runs, as in the SDK, so a collection cannot take the
+    aggregation away half-way.
+    """
+    for match, key, kept in targets:
+        if match._reset_on_collect:
+            with match._lock:
+                use(match._get_or_create_aggregation(key, kept))
+            continue
+        aggregation = match._attributes_aggregation.get(key)
+        if aggregation is None:
+            with match._lock:
+                aggregation = match._get_or_create_aggregation(key, kept)
+        use(aggregation)
 
 
 def _touch(aggregation: Any) -> None:

@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 import pytest
+from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncpool
@@ -150,7 +150,7 @@ async def test_read_only_primary_after_a_failover_invalidates_the_whole_pool(
             for _ in range(100):
                 await write()
         assert classify(failed.value) == "read_only_transaction"
-        assert failed.value.connection_invalidated
+        assert failed.value.connection_invalidated and is_disconnect(failed.value)
         assert reasons(engine) == {"read_only_transaction": 3}
 
         async def old_backends_gone() -> bool:
@@ -164,6 +164,106 @@ async def test_read_only_primary_after_a_failover_invalidates_the_whole_pool(
     await wait_for_async(lambda: server_read_only(False), what="the server to accept writes")
     await write()  # the pool recovered by itself: fresh connections, no restart
     assert statistics(engine).checked_out == 0
+
+
+async def test_a_write_in_the_applications_own_read_only_transaction_leaves_the_pool_alone(
+    make_engine: EngineFactory,
+    database: TestDatabase,
+    app_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 25006 on a healthy primary: the request's own bug, not a failover.
+    engine = make_engine(pool_size=3, max_overflow=0)
+    pids = await warm(engine, 3)
+    attempts = 0
+
+    @asyncpool.retry(attempts=3, backoff=0.01)
+    async def write_in_a_read_only_transaction() -> None:
+        nonlocal attempts
+        attempts += 1
+        async with engine.begin() as conn:
+            await conn.execute(text("SET TRANSACTION READ ONLY"))
+            await conn.execute(text("CREATE TABLE never_created (id int)"))
+
+    with pytest.raises(sa_exc.DBAPIError) as failed:
+        await write_in_a_read_only_transaction()
+    assert attempts == 1
+    assert classify(failed.value) == "read_only_transaction"
+    assert not failed.value.connection_invalidated and not is_disconnect(failed.value)
+    assert reasons(engine) == {}
+    assert not [r for r in caplog.records if "demoted" in r.getMessage()]
+    # The server: the same three backends, none left in a transaction.
+    backends = await database.backends(app_name)
+    assert {r["pid"] for r in backends} == pids
+    assert {r["state"] for r in backends} == {"idle"}
+    assert statistics(engine).checked_out == 0
+
+
+async def test_a_burst_of_read_only_errors_asks_the_server_once(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    engine = make_engine(pool_size=10, max_overflow=0)
+    await warm(engine, 10)
+    connects = 0
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def count_connects(*args: Any) -> None:
+        nonlocal connects
+        connects += 1
+
+    async def write_in_a_read_only_transaction() -> None:
+        async with engine.begin() as conn:
+            await conn.execute(text("SET TRANSACTION READ ONLY"))
+            await conn.execute(text("CREATE TABLE never_created (id int)"))
+
+    results = await asyncio.gather(
+        *(write_in_a_read_only_transaction() for _ in range(10)), return_exceptions=True
+    )
+    assert all(
+        isinstance(r, sa_exc.DBAPIError) and classify(r) == "read_only_transaction" for r in results
+    )
+    assert connects == 1  # one fresh connection asked; the pool opened none
+    assert reasons(engine) == {}
+
+    async def only_the_pooled_backends_are_left() -> bool:
+        return len(await database.backends(app_name)) == 10
+
+    await wait_for_async(only_the_pooled_backends_are_left, what="the asking backend to end")
+
+
+async def test_asking_a_black_holed_server_whether_it_is_read_only_is_bounded(
+    make_engine: EngineFactory,
+    database: TestDatabase,
+    fault_proxy: FaultProxy,
+    app_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The driver would wait 30 s to connect; the question gets
+    # connect_timeout + pre_ping_timeout, then the error goes to the caller.
+    engine = make_engine(
+        pool_size=1,
+        max_overflow=0,
+        connect_timeout=0.3,
+        pre_ping_timeout=0.3,
+        engine_options={"connect_args": {"timeout": 30}},
+    )
+    (pid,) = await warm(engine, 1)
+    fault_proxy.black_hole()
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def through_the_black_hole(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+        cparams.update(host="127.0.0.1", port=fault_proxy.port)
+
+    started = time.monotonic()
+    with pytest.raises(sa_exc.DBAPIError) as failed:
+        async with engine.begin() as conn:
+            await conn.execute(text("SET TRANSACTION READ ONLY"))
+            await conn.execute(text("CREATE TABLE never_created (id int)"))
+    assert time.monotonic() - started < 0.6 + SLACK
+    assert not failed.value.connection_invalidated and not is_disconnect(failed.value)
+    assert any("could not be told" in r.getMessage() for r in caplog.records)
+    assert reasons(engine) == {}
+    assert [(r["pid"], r["state"]) for r in await database.backends(app_name)] == [(pid, "idle")]
 
 
 # ---------------------------------------------------------- network faults
@@ -380,4 +480,41 @@ async def test_retry_gives_up_after_its_attempts_with_the_last_error(
     with pytest.raises(Exception) as failed:
         await unreachable()
     assert attempts == 3 and is_disconnect(failed.value)
+    assert statistics(engine).checked_out == 0
+
+
+async def test_retry_reruns_an_insert_else_update_whose_update_lost_its_connection(
+    make_engine: EngineFactory, database: TestDatabase, fault_proxy: FaultProxy, app_name: str
+) -> None:
+    # The update's disconnect is raised while the insert's 23505 is being
+    # handled: it is still a disconnect, and the whole unit runs again.
+    engine = make_engine(proxied_url(database, fault_proxy), pool_size=1, max_overflow=0)
+    await database.fetch("CREATE TABLE IF NOT EXISTS upsert_counts (id int PRIMARY KEY, n int)")
+    await database.fetch(
+        "INSERT INTO upsert_counts VALUES (1, 0) ON CONFLICT (id) DO UPDATE SET n = 0"
+    )
+    attempts = 0
+
+    @asyncpool.retry(attempts=3, backoff=0.01)
+    async def insert_else_update() -> None:
+        nonlocal attempts
+        attempts += 1
+        async with engine.connect() as conn:
+            try:
+                async with conn.begin():
+                    await conn.execute(text("INSERT INTO upsert_counts VALUES (1, 1)"))
+            except sa_exc.IntegrityError:
+                if attempts == 1:
+                    fault_proxy.reset()
+                async with conn.begin():
+                    await conn.execute(text("UPDATE upsert_counts SET n = n + 1 WHERE id = 1"))
+
+    await insert_else_update()
+    assert attempts == 2
+    assert await database.fetchval("SELECT n FROM upsert_counts WHERE id = 1") == 1
+
+    async def only_the_new_backend_is_left() -> bool:
+        return [r["state"] for r in await database.backends(app_name)] == ["idle"]
+
+    await wait_for_async(only_the_new_backend_is_left, what="the reset backend to exit")
     assert statistics(engine).checked_out == 0

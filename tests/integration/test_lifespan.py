@@ -182,6 +182,43 @@ async def test_stragglers_are_terminated_after_drain_timeout(
     assert statistics(engine).checked_out == 0
 
 
+async def test_a_cancelled_drain_logs_how_long_it_waited_not_drain_timeout(
+    make_engine: EngineFactory,
+    database: TestDatabase,
+    app_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = make_engine(pool_size=2)
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stuck_request() -> None:
+        async with engine.connect() as conn:
+            holding.set()
+            await release.wait()
+            await conn.execute(text("SELECT 1"))
+
+    lifespan = pool_lifespan(engine, drain_timeout=5)
+    await lifespan.__aenter__()
+    request = asyncio.create_task(stuck_request())
+    await holding.wait()
+    stopping = asyncio.create_task(lifespan.__aexit__(None, None, None))
+    await wait_until(lambda: pool_of(engine).state.closed, what="the drain to start")
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    (warning,) = [m for r in caplog.records if "still checked out" in (m := r.getMessage())]
+    assert "drain_timeout" not in warning
+    assert "1 connections still checked out when the shutdown was cancelled" in warning
+    await wait_for_async(
+        lambda: _none_left(database, app_name), what="the straggler's backend to end", within=5
+    )
+    release.set()
+    with pytest.raises(DBAPIError):
+        await request
+    assert statistics(engine).checked_out == 0
+
+
 async def test_shutdown_fails_queued_checkouts_instead_of_serving_them_late(
     make_engine: EngineFactory,
 ) -> None:
@@ -213,6 +250,28 @@ async def test_lifespan_can_be_entered_again_after_it_ended(make_engine: EngineF
     async with pool_lifespan(engine):
         async with engine.connect() as conn:
             assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+
+
+async def test_nested_lifespan_keeps_the_outer_one_open(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    engine = make_engine(pool_size=2)
+    async with pool_lifespan(engine):
+        async with pool_lifespan(engine):
+            assert statistics(engine).connects == 2  # warmed once, by the outer one
+        await engine.dispose()  # a new pool object: the count is the engine's, not the pool's
+        async with pool_lifespan(engine):
+            pass
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+        assert await backend_count(database, app_name) == 1
+    assert statistics(engine).size == 0
+    with pytest.raises(PoolClosedError):
+        async with engine.connect():
+            pass
+    await wait_for_async(
+        lambda: _none_left(database, app_name), what="every backend to close", within=5
+    )
 
 
 async def test_something_that_is_neither_engine_nor_group_is_refused() -> None:

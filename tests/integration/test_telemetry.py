@@ -488,3 +488,21 @@ async def test_a_connection_being_cleaned_shows_as_cleaning_and_used_until_done(
 async def hold_statement(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         await conn.execute(text("SELECT pg_sleep(5)"))
+
+
+async def test_an_engine_dropped_between_collections_still_reports_its_last_histogram_values(
+    database: TestDatabase, otel: Otel, app_name: str
+) -> None:
+    engine = asyncpool.create_pooled_engine(database.url, name=app_name, application_name=app_name)
+    instrument(engine, otel.meter_provider, otel.tracer_provider)  # nobody keeps the handle
+    for _ in range(100):
+        await hold(engine, 0)
+    await engine.dispose()
+    dropped = weakref.ref(engine.sync_engine)
+    del engine
+    gc.collect()
+    assert dropped() is None
+    metrics = otel.collect()
+    assert otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_WAIT_TIME, app_name).count == 100
+    assert otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_USE_TIME, app_name).count == 100
+    assert await database.backends(app_name) == []  # disposed: nothing left on the server

@@ -8,6 +8,7 @@ every collection except timestamps.
 
 from __future__ import annotations
 
+import gc
 import logging
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
 from asyncpool.telemetry import _bound
-from asyncpool.telemetry._bound import DISABLE_ENV, BoundHistogram, bind_histogram
+from asyncpool.telemetry._bound import DISABLE_ENV, BoundHistogram, bind_histogram, flush_all
 
 NAME = "db.client.connection.wait_time"
 POOL_A = {"db.client.connection.pool.name": "primary"}
@@ -421,6 +422,35 @@ def test_histograms_of_pools_whose_callbacks_the_sdk_dropped_are_still_flushed()
         check=True,
     )
     assert result.stdout.strip() == "[('A', 1), ('B', 1)]", result.stderr
+
+
+@pytest.mark.parametrize("readers", [readers_cumulative, readers_delta])
+def test_a_histogram_dropped_before_a_collection_still_exports_its_values(
+    readers: Callable[[], list[InMemoryMetricReader]],
+) -> None:
+    def run(bound: bool) -> list[Any]:
+        provider, made = setup(readers)()
+        meter = provider.get_meter("asyncpool")
+        histogram = meter.create_histogram(NAME, unit="s")
+
+        def flush_before_collection(options: CallbackOptions) -> list[Observation]:
+            flush_all()  # as PoolInstruments does
+            return []
+
+        meter.create_observable_gauge("flush", callbacks=[flush_before_collection])
+        if bound:
+            recorder = BoundHistogram(histogram, POOL_A)
+            for value in VALUES:
+                recorder(value)
+            assert recorder.mode == "local"
+            del recorder  # its engine went away between two collections
+            gc.collect()
+        else:
+            for value in VALUES:
+                histogram.record(value, POOL_A)
+        return export(made)
+
+    assert run(bound=True) == run(bound=False)
 
 
 def test_a_disabled_meter_records_nothing_either_way() -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import (
     AsyncAdapt_asyncpg_dbapi,
 )
 
-from asyncpool._classify import classify, invalidates_pool, is_disconnect, sqlstate_of
+from asyncpool._classify import classify, is_disconnect, sqlstate_of
 from asyncpool._pool import PrePingFailed, invalidation_reason
 
 DBAPI = AsyncAdapt_asyncpg_dbapi(asyncpg)
@@ -46,7 +46,6 @@ DISCONNECTS = [
     (pg.ConnectionDoesNotExistError("closed mid-operation"), "08003", "connection_exception"),
     (pg.ConnectionFailureError("connection failure"), "08006", "connection_exception"),
     (pg.ProtocolViolationError("protocol violation"), "08P01", "connection_exception"),
-    (pg.ReadOnlySQLTransactionError("read-only transaction"), "25006", "read_only_transaction"),
 ]
 
 NOT_DISCONNECTS = [
@@ -65,7 +64,6 @@ def test_server_going_away_is_a_disconnect_however_it_is_wrapped(
         assert sqlstate_of(seen) == sqlstate
         assert classify(seen) == label
         assert is_disconnect(seen)
-        assert invalidates_pool(seen) is (sqlstate == "25006")
 
 
 @pytest.mark.parametrize(("error", "sqlstate", "label"), NOT_DISCONNECTS)
@@ -74,7 +72,20 @@ def test_ordinary_sql_errors_are_not_disconnects(
 ) -> None:
     for seen in (error, as_sqlalchemy_raises(error)):
         assert (sqlstate_of(seen), classify(seen)) == (sqlstate, label)
-        assert not is_disconnect(seen) and not invalidates_pool(seen)
+        assert not is_disconnect(seen)
+
+
+def test_read_only_transaction_is_a_disconnect_only_once_the_server_was_found_read_only() -> None:
+    error = pg.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction")
+    raised = as_sqlalchemy_raises(error)
+    assert isinstance(raised, sa_exc.DBAPIError)
+    assert (sqlstate_of(raised), classify(raised)) == ("25006", "read_only_transaction")
+    # The application's own READ ONLY transaction: its error, never retried.
+    assert not is_disconnect(error) and not is_disconnect(raised)
+    # The pool's handle_error listener found the server read-only (a demoted
+    # primary), so SQLAlchemy invalidated the connection.
+    raised.connection_invalidated = True
+    assert is_disconnect(raised)
 
 
 @pytest.mark.parametrize(
@@ -121,6 +132,41 @@ def test_the_cause_chain_is_followed_and_cycles_do_not_hang() -> None:
     outer.__cause__ = inner
     inner.__context__ = outer  # a cycle
     assert classify(outer) == "admin_shutdown"
+
+
+def test_a_disconnect_while_handling_a_constraint_violation_is_a_disconnect() -> None:
+    # "Insert, else update": the update's disconnect carries the insert's
+    # 23505 as its context, which SQLAlchemy's ``raise ... from`` suppresses.
+    duplicate = as_sqlalchemy_raises(pg.UniqueViolationError("duplicate key"))
+    try:
+        try:
+            raise duplicate
+        except sa_exc.DBAPIError:
+            closed = as_sqlalchemy_raises(pg.ConnectionDoesNotExistError("closed mid-operation"))
+            assert isinstance(closed, sa_exc.DBAPIError)
+            raise closed from closed.orig
+    except sa_exc.DBAPIError as raised:
+        assert raised.__context__ is duplicate
+        assert classify(raised) == "connection_exception" and is_disconnect(raised)
+        assert sqlstate_of(raised) == "08003"
+
+
+def test_an_error_raised_from_none_in_a_disconnect_handler_is_not_a_disconnect() -> None:
+    disconnect = as_sqlalchemy_raises(pg.AdminShutdownError("terminating connection"))
+    for suppress in (True, False):
+        try:
+            try:
+                raise disconnect
+            except sa_exc.DBAPIError:
+                if suppress:
+                    raise LookupError("no such order") from None
+                # Without ``from``: Python shows the disconnect as its context.
+                raise LookupError("no such order")  # noqa: B904
+        except LookupError as raised:
+            error: LookupError = raised
+        # Python's traceback shows the disconnect only without ``from None``.
+        assert is_disconnect(error) is not suppress
+        assert classify(error) == ("error" if suppress else "admin_shutdown")
 
 
 def test_cancellation_is_labelled_not_a_disconnect() -> None:
