@@ -191,7 +191,12 @@ async def _connect(engine: AsyncEngine, deadline: float, warm_timeout: float) ->
                 return conn
         except TimeoutError:
             pass  # the deadline, or connect_timeout with time left: try again
-        except (OSError, sqlalchemy.exc.DBAPIError) as exc:
+        except Exception as exc:
+            # SQLAlchemy 2.1 wraps a failed connect in a DBAPIError; 2.0 lets
+            # the driver's own error (with its SQLSTATE) through unwrapped.
+            driver_error = sqlstate_of(exc) is not None
+            if not (driver_error or isinstance(exc, OSError | sqlalchemy.exc.DBAPIError)):
+                raise
             if _is_permanent(exc):
                 raise _unavailable(engine, _driver_reason(exc)) from exc
             last_error = exc
