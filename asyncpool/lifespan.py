@@ -37,6 +37,7 @@ from sqlalchemy.pool import NullPool
 
 from ._classify import sqlstate_of
 from ._pool import FairAsyncPool
+from ._url import scrub
 from .budget import BudgetMode, check_budget
 from .engine import pool_of
 from .errors import AsyncPoolError, ConfigurationError, DatabaseUnavailableError
@@ -219,8 +220,7 @@ def _is_permanent(exc: BaseException) -> bool:
 
 def _unavailable(engine: AsyncEngine, reason: str) -> DatabaseUnavailableError:
     url = engine.url
-    if url.password:
-        reason = reason.replace(str(url.password), "***")
+    reason = scrub(reason, [url])
     where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
     return DatabaseUnavailableError(
         f"pool {pool_of(engine).name!r} cannot reach the database at {where} "
