@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from .errors import ConfigurationError
 
-__all__ = ["PoolConfig"]
+__all__ = ["OTHER_VARIABLES", "PoolConfig"]
 
 #: PostgreSQL takes ``client_connection_check_interval`` in milliseconds, up to INT_MAX.
 _CHECK_INTERVAL_MAX: Final = 2_147_483.0
@@ -25,9 +25,20 @@ _CHECK_INTERVAL_MAX: Final = 2_147_483.0
 #: PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes.
 _APPLICATION_NAME_MAX: Final = 63
 
-#: Variables under the prefix that belong to other parts of asyncpool and are
-#: not pool settings (the test harness DSN).
-_NOT_SETTINGS: Final = frozenset({"TEST_DSN"})
+#: Every ``ASYNCPOOL_*`` variable asyncpool reads that is not a pool setting,
+#: and who reads it (the README's table). ``from_env()`` skips these; any other
+#: unknown name under the prefix is an error, so a typo cannot pass silently.
+OTHER_VARIABLES: Final[dict[str, str]] = {
+    "ASYNCPOOL_PROCESSES": (
+        "processes in the fleet for the connection budget (pool_lifespan, "
+        "connection_budget; else WEB_CONCURRENCY, else 1)"
+    ),
+    "ASYNCPOOL_OTEL_BOUND_HISTOGRAMS": (
+        "0 turns off the telemetry fast path for the wait and use histograms"
+    ),
+    "ASYNCPOOL_TEST_DSN": "the test suite's PostgreSQL (else an embedded one)",
+}
+_NOT_SETTINGS: Final = frozenset(name.removeprefix("ASYNCPOOL_") for name in OTHER_VARIABLES)
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
@@ -151,8 +162,10 @@ class PoolConfig:
 
         ``ASYNCPOOL_POOL_SIZE=20`` sets ``pool_size``; ``none`` (or an empty
         value) turns an optional setting off; booleans accept
-        1/0, true/false, yes/no, on/off. A variable under the prefix that is
-        not a setting is an error, so a typo cannot pass silently.
+        1/0, true/false, yes/no, on/off. The prefix's variables that are not
+        pool settings (``OTHER_VARIABLES``: ``ASYNCPOOL_PROCESSES``, ...) are
+        skipped; any other name under the prefix is an error, so a typo cannot
+        pass silently.
         ``defaults`` are used for settings the environment does not give.
         """
         env = os.environ if environ is None else environ

@@ -8,6 +8,7 @@ settings (timeouts, ``application_name``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -19,10 +20,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from ._events import install_error_handling
 from ._pgbouncer import pgbouncer_connect_args
 from ._pool import FairAsyncPool, PoolState, next_pool_name
+from ._url import UrlOptions, merge_settings, redact_url, scrub, translate_query
 from .config import PoolConfig, setting_names
 from .errors import AsyncPoolError, ConfigurationError
 
-__all__ = ["create_pooled_engine", "pool_of", "redact_url"]
+__all__ = ["create_pooled_engine", "parse_url", "pool_of", "redact_url"]
 
 #: Driver names accepted as they are, and the ones upgraded to asyncpg.
 _ASYNCPG: Final = "postgresql+asyncpg"
@@ -79,12 +81,15 @@ def create_pooled_engine(
             options[reserved[0]],
             f"left to asyncpool; set it through PoolConfig ({', '.join(setting_names())})",
         )
-    parsed = _asyncpg_url(url)
+    parsed, url_options = parse_url(url)
+    config = with_url_settings(config, url_options)
     name = config.name or next_pool_name()
     config = config.replace(name=name)
     state = PoolState(config, name)
 
-    connect_args = connect_args_for(config, name, options.pop("connect_args", {}), parsed)
+    connect_args = connect_args_for(
+        config, name, options.pop("connect_args", {}), parsed, url_options
+    )
 
     engine = create_async_engine(
         parsed,
@@ -112,12 +117,46 @@ def create_pooled_engine(
 _engine_hooks: list[Any] = []
 
 
+def with_url_settings(config: PoolConfig, url_options: UrlOptions) -> PoolConfig:
+    """``config`` with the settings the URL gave (``connect_timeout``, ...).
+
+    A setting given both in the URL and explicitly, differently, is an error.
+    """
+    if not url_options.settings:
+        return config
+    defaults = {f.name: f.default for f in dataclasses.fields(PoolConfig)}
+    configured = {name: getattr(config, name) for name in url_options.settings}
+    changes = merge_settings(url_options.settings, configured, defaults)
+    try:
+        return config.replace(**changes)
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"URL parameter {exc.setting!r}", exc.value, exc.expected
+        ) from None
+
+
 def connect_args_for(
-    config: PoolConfig, name: str, given: Mapping[str, Any], url: URL
+    config: PoolConfig,
+    name: str,
+    given: Mapping[str, Any],
+    url: URL,
+    url_options: UrlOptions | None = None,
 ) -> dict[str, Any]:
-    """asyncpg connect arguments for ``config``: timeouts, ``application_name``, pooler."""
-    connect_args = dict(given)
-    server_settings = dict(connect_args.pop("server_settings", {}))
+    """asyncpg connect arguments for ``config``: timeouts, ``application_name``,
+    what the URL's libpq parameters became, pooler. ``connect_args`` win over the URL."""
+    from_url = url_options or UrlOptions()
+    if config.pooler == "pgbouncer":
+        for key in ("statement_cache_size",):
+            value = from_url.connect_args.get(key)
+            if value not in (None, 0):
+                raise ConfigurationError(
+                    f"URL parameter {key!r} of pool {name!r} with pooler='pgbouncer'",
+                    value,
+                    "0 (behind PgBouncer in transaction mode a cached statement is used on "
+                    "another server connection; leave it to pooler='pgbouncer')",
+                )
+    connect_args = {**from_url.connect_args, **given}
+    server_settings = {**from_url.server_settings, **dict(connect_args.pop("server_settings", {}))}
     server_settings.setdefault("application_name", config.application_name or name)
     connect_args["server_settings"] = server_settings
     connect_args.setdefault("timeout", config.connect_timeout)
@@ -140,15 +179,15 @@ def pool_of(engine: AsyncEngine | Any) -> FairAsyncPool:
     return pool
 
 
-def redact_url(url: str | URL) -> str:
-    """The URL as text with the password masked; safe for logs and errors."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable URL>"
-
-
 def _asyncpg_url(url: str | URL) -> URL:
+    """The URL, checked, on asyncpg, without the libpq parameters (see ``parse_url``)."""
+    return parse_url(url)[0]
+
+
+def parse_url(url: str | URL) -> tuple[URL, UrlOptions]:
+    """The URL checked and on asyncpg, without the libpq parameters asyncpool
+    translates, and what they became. ``ConfigurationError`` for anything
+    asyncpg would refuse, with the URL redacted."""
     if not isinstance(url, str | URL):
         raise ConfigurationError("url", type(url).__name__, "a database URL string or URL")
     try:
@@ -175,14 +214,14 @@ def _asyncpg_url(url: str | URL) -> URL:
         raise ConfigurationError("url", redact_url(parsed), "a URL with a numeric port") from None
     if port is not None and not 0 < port < 65536:
         raise ConfigurationError("url", redact_url(parsed), "a URL with a port from 1 to 65535")
+    translated, url_options = translate_query(parsed)
     try:
-        # What create_async_engine does with the URL (query arguments, several
-        # hosts): refuse now, as a ConfigurationError, what it would refuse.
+        # What create_async_engine does with the URL (several hosts): refuse
+        # now, as a ConfigurationError, what it would refuse.
         dialect: Any = PGDialect_asyncpg
-        dialect().create_connect_args(parsed)
+        dialect().create_connect_args(translated)
     except (ArgumentError, ValueError, TypeError) as exc:
-        reason = str(exc).replace(parsed.password, "***") if parsed.password else str(exc)
         raise ConfigurationError(
-            "url", redact_url(parsed), f"a URL asyncpg accepts ({reason})"
+            "url", redact_url(parsed), f"a URL asyncpg accepts ({scrub(str(exc), [parsed])})"
         ) from None
-    return parsed
+    return translated, url_options

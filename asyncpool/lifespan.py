@@ -41,6 +41,7 @@ from sqlalchemy.pool import NullPool
 
 from ._classify import sqlstate_of
 from ._pool import FairAsyncPool, PoolState
+from ._url import scrub
 from .budget import BudgetMode, check_budget
 from .engine import pool_of
 from .errors import AsyncPoolError, ConfigurationError, DatabaseUnavailableError
@@ -228,7 +229,12 @@ async def _connect(engine: AsyncEngine, deadline: float, warm_timeout: float) ->
                 return conn
         except TimeoutError:
             pass  # the deadline, or connect_timeout with time left: try again
-        except (OSError, sqlalchemy.exc.DBAPIError) as exc:
+        except Exception as exc:
+            # SQLAlchemy 2.1 wraps a failed connect in a DBAPIError; 2.0 lets
+            # the driver's own error (with its SQLSTATE) through unwrapped.
+            driver_error = sqlstate_of(exc) is not None
+            if not (driver_error or isinstance(exc, OSError | sqlalchemy.exc.DBAPIError)):
+                raise
             if _is_permanent(exc):
                 raise _unavailable(engine, _driver_reason(exc)) from exc
             last_error = exc
@@ -251,8 +257,7 @@ def _is_permanent(exc: BaseException) -> bool:
 
 def _unavailable(engine: AsyncEngine, reason: str) -> DatabaseUnavailableError:
     url = engine.url
-    if url.password:
-        reason = reason.replace(str(url.password), "***")
+    reason = scrub(reason, [url])
     where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
     return DatabaseUnavailableError(
         f"pool {pool_of(engine).name!r} cannot reach the database at {where} "

@@ -46,8 +46,9 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import SelectBase
 
 from ._pool import next_pool_name
+from ._url import redact_url
 from .config import PoolConfig
-from .engine import _asyncpg_url, connect_args_for, create_pooled_engine, pool_of
+from .engine import connect_args_for, create_pooled_engine, parse_url, pool_of, with_url_settings
 from .errors import AsyncPoolError, ConfigurationError, PoolTimeoutError
 
 __all__ = [
@@ -547,10 +548,15 @@ def create_analytics_engine(
     do not apply. Bound the concurrency with ``EngineGroup(analytics_limit=...)``.
     """
     config = config if config is not None else PoolConfig()
-    name = config.name or next_pool_name()
+    if not isinstance(config, PoolConfig):
+        raise ConfigurationError("config", type(config).__name__, "a PoolConfig or None")
     options = dict(engine_options or {})
-    parsed = _asyncpg_url(url)
-    connect_args = connect_args_for(config, name, options.pop("connect_args", {}), parsed)
+    parsed, url_options = parse_url(url)
+    config = with_url_settings(config, url_options)
+    name = config.name or next_pool_name()
+    connect_args = connect_args_for(
+        config, name, options.pop("connect_args", {}), parsed, url_options
+    )
     engine = create_async_engine(
         parsed,
         poolclass=NullPool,
@@ -576,7 +582,7 @@ def application_name_of(engine: AsyncEngine) -> str:
 def _engine_name(engine: AsyncEngine) -> str:
     pool = engine.sync_engine.pool
     name = getattr(pool, "name", None) or getattr(pool, "logging_name", None)
-    return str(name) if name else engine.url.render_as_string(hide_password=True)
+    return str(name) if name else redact_url(engine.url)
 
 
 def _writes(statement: Any, dialect: Any) -> bool:

@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ._pool import FairAsyncPool
+from ._url import redact_url, scrub
 from .lifespan import DEFAULT_DRAIN_TIMEOUT, DEFAULT_WARM_TIMEOUT, engines_of, pool_lifespan
 from .stats import statistics
 
@@ -220,8 +221,7 @@ async def _check(engine: AsyncEngine, seconds: float) -> str | None:
         return f"pool {name!r}: no answer within {seconds:g} s"
     except Exception as exc:
         reason = f"pool {name!r}: {type(exc).__name__}: {_first_line(exc)}"
-        password = engine.url.password
-        return reason.replace(str(password), "***") if password else reason
+        return scrub(reason, [engine.url])
     return None
 
 
@@ -230,7 +230,7 @@ def _name(engine: AsyncEngine) -> str:
     analytics engine), its logging name or its URL without the password."""
     pool = engine.sync_engine.pool
     name = getattr(pool, "name", None) or getattr(pool, "logging_name", None)
-    return str(name) if name else engine.url.render_as_string(hide_password=True)
+    return str(name) if name else redact_url(engine.url)
 
 
 def _statistics(engine: AsyncEngine) -> dict[str, Any]:

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fix_replica",
     "tests.fix_otlp",
     "tests.fix_proxy",
+    "tests.fix_tls",
 ]

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
-from ..engine import redact_url
+from .._url import redact_url, scrub, secrets_of
 from ..errors import AsyncPoolError
 
 __all__ = ["Database", "describe_failure", "open_database"]
@@ -40,11 +37,9 @@ class Database:
         return redact_url(self.url)
 
     @property
-    def password(self) -> str | None:
-        try:
-            return make_url(self.url).password
-        except (ArgumentError, ValueError):
-            return None
+    def secrets(self) -> tuple[str, ...]:
+        """The password and every secret query value in the URL, to scrub from output."""
+        return secrets_of(self.url)
 
 
 @contextlib.contextmanager
@@ -77,8 +72,8 @@ def open_database(url: str | None, *, say: Callable[[str], None]) -> Iterator[Da
         server.cleanup()
 
 
-def describe_failure(exc: BaseException, password: str | None = None) -> str:
-    """``ClassName: reason`` of a connect or query failure, without the password.
+def describe_failure(exc: BaseException, secrets: Iterable[str] = ()) -> str:
+    """``ClassName: reason`` of a connect or query failure, without any secret.
 
     SQLAlchemy wraps the driver's error; the driver's own class says more
     (``InvalidPasswordError``) than the wrapper's (``DBAPIError``).
@@ -91,6 +86,4 @@ def describe_failure(exc: BaseException, password: str | None = None) -> str:
     if isinstance(inner, TimeoutError) and not message:
         message = "timed out"
     text = f"{type(inner).__name__}: {message}" if message else type(inner).__name__
-    if password:
-        text = text.replace(password, "***")
-    return text
+    return scrub(text, secrets=secrets)

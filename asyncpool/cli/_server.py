@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from sqlalchemy.engine import make_url
 
-from ..engine import _asyncpg_url
+from ..engine import parse_url
 
 __all__ = [
     "ServerFacts",
@@ -92,14 +92,18 @@ async def connect_direct(url: str, *, connect_timeout: float, application_name: 
 
     dialect_class: Any = sa_asyncpg.dialect
     dialect = dialect_class()
-    _, params = dialect.create_connect_args(_asyncpg_url(url))
+    parsed, url_options = parse_url(url)
+    _, params = dialect.create_connect_args(parsed)
     for key in _DIALECT_ONLY:
         params.pop(key, None)
-    settings = dict(params.pop("server_settings", None) or {})
-    settings.setdefault("application_name", application_name)
-    return await asyncpg.connect(
-        **params, timeout=connect_timeout, statement_cache_size=0, server_settings=settings
+    params.update(url_options.connect_args)
+    settings = {**url_options.server_settings, **dict(params.pop("server_settings", None) or {})}
+    settings.setdefault(
+        "application_name", url_options.settings.get("application_name", application_name)
     )
+    params["timeout"] = url_options.settings.get("connect_timeout", connect_timeout)
+    params["statement_cache_size"] = 0
+    return await asyncpg.connect(**params, server_settings=settings)
 
 
 async def fetch_server_facts(

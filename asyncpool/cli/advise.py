@@ -126,7 +126,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
             raise UsageError(f"argument --url: {exc}") from None
         except Exception as exc:
             db = Database(args.url, "--url")
-            out.error(f"cannot reach {db.shown}: {describe_failure(exc, db.password)}")
+            out.error(f"cannot reach {db.shown}: {describe_failure(exc, db.secrets)}")
             return 1
     target = _target(args, facts)
     advice = advise(target)

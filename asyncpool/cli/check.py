@@ -106,7 +106,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     except ConfigurationError as exc:
         raise UsageError(f"argument URL: {exc}") from None
     except Exception as exc:
-        out.error(f"cannot reach {db.shown}: {describe_failure(exc, db.password)}")
+        out.error(f"cannot reach {db.shown}: {describe_failure(exc, db.secrets)}")
         return 1
     if args.json:
         data = asdict(report)

@@ -247,7 +247,7 @@ async def _simulate(
     except ConfigurationError as exc:
         raise UsageError(f"argument --url: {exc}") from None
     except Exception as exc:
-        raise _Unreachable(describe_failure(exc, db.password)) from None
+        raise _Unreachable(describe_failure(exc, db.secrets)) from None
     _about_server(db, facts, configs, out)
     runs = []
     for label, config in configs:

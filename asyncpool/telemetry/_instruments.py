@@ -300,12 +300,17 @@ def _is_global_proxy_target(provider: metrics.MeterProvider) -> bool:
 
 def _histogram(meter: metrics.Meter, name: str, buckets: tuple[float, ...]) -> metrics.Histogram:
     spec = _SPEC_BY_NAME[name]
-    return meter.create_histogram(
-        spec.name,
-        unit=spec.unit,
-        description=spec.description,
-        explicit_bucket_boundaries_advisory=buckets,
-    )
+    try:
+        return meter.create_histogram(
+            spec.name,
+            unit=spec.unit,
+            description=spec.description,
+            explicit_bucket_boundaries_advisory=buckets,
+        )
+    except TypeError:
+        # opentelemetry-api < 1.30 has no bucket advisory: the SDK's default
+        # buckets apply (a View can set these); the metric is still reported.
+        return meter.create_histogram(spec.name, unit=spec.unit, description=spec.description)
 
 
 def _counter(meter: metrics.Meter, name: str) -> metrics.Counter:

@@ -23,6 +23,7 @@ from asyncpool import PoolOverloadedError, PoolTimeoutError
 from asyncpool.engine import pool_of
 from asyncpool.telemetry import Instrumentation, instrument
 from asyncpool.telemetry import semconv as sc
+from asyncpool.telemetry._bound import bound_histograms_enabled
 from tests.fix_db import EngineFactory, TestDatabase, wait_until
 from tests.fix_otlp import Otel
 from tests.fix_proxy import FaultProxy, proxied_url
@@ -70,8 +71,12 @@ async def test_twenty_tasks_on_two_connections_peak_at_two_used_and_eighteen_pen
     assert wait_time.count == 20
     assert 0.85 <= wait_time.max <= 2.0  # the last waits 9 rounds of 100 ms (+ load)
     # ...pre-aggregated by the pool and merged at each collection (telemetry/_bound.py).
+    # (On an SDK where the self-check fails, such as opentelemetry-sdk 1.27, the
+    # public record() is used; test_bound_histogram.py, which runs on the
+    # newest SDK only, asserts the self-check passes there.)
     (observer,) = pool_of(engine).state.observers
-    assert observer._record_wait.mode == observer._record_use.mode == "local"
+    if bound_histograms_enabled():
+        assert observer._record_wait.mode == observer._record_use.mode == "local"
     assert otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_USE_TIME, app_name).count == 20
     assert otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_CREATE_TIME, app_name).count == 2
     assert otel.value(metrics, COUNT, app_name, **USED) == 0

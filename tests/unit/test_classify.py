@@ -24,10 +24,32 @@ from asyncpool._pool import PrePingFailed, invalidation_reason
 DBAPI = AsyncAdapt_asyncpg_dbapi(asyncpg)
 
 
+class _OpenConnection:
+    """What SQLAlchemy 2.0's translation reads from the adapted connection."""
+
+    dbapi = DBAPI
+    _transaction = None
+    _started = False
+
+    class _connection:  # the attribute name SQLAlchemy reads
+        @staticmethod
+        def is_closed() -> bool:
+            return False
+
+
+def _translate(error: Exception) -> None:
+    """SQLAlchemy's own translation of a driver error, on 2.1 and on 2.0."""
+    no_connection = getattr(AsyncAdapt_asyncpg_connection, "_handle_exception_no_connection", None)
+    if no_connection is not None:  # SQLAlchemy 2.1
+        no_connection(DBAPI, error)
+    else:  # SQLAlchemy 2.0 translates through the connection that raised it
+        AsyncAdapt_asyncpg_connection._handle_exception(_OpenConnection(), error)
+
+
 def as_sqlalchemy_raises(error: Exception) -> BaseException:
     """``error`` as application code catches it from SQLAlchemy."""
     try:
-        AsyncAdapt_asyncpg_connection._handle_exception_no_connection(DBAPI, error)
+        _translate(error)
     except Exception as translated:
         return sa_exc.DBAPIError.instance("SELECT 1", {}, translated, DBAPI.Error)
     raise AssertionError("not translated")  # pragma: no cover

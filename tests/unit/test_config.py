@@ -181,3 +181,45 @@ def test_engine_creation_opens_no_connection() -> None:
     # Port 1 on loopback has no server: creating the engine must not notice.
     engine = create_pooled_engine("postgresql+asyncpg://app:s3cret@127.0.0.1:1/test")
     assert engine.sync_engine.pool.checkedout() == 0
+
+
+def test_from_env_skips_the_variables_that_are_not_pool_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asyncpool.config import OTHER_VARIABLES
+
+    env = {name: "0" for name in OTHER_VARIABLES} | {"ASYNCPOOL_POOL_SIZE": "3"}
+    assert PoolConfig.from_env(environ=env).pool_size == 3
+    # ... and so does the command, which reads the same environment.
+    import argparse
+
+    from asyncpool.cli._args import config_from_args
+
+    for name in OTHER_VARIABLES:
+        monkeypatch.setenv(name, "4")
+    assert config_from_args(argparse.Namespace(), {}).pool_size == PoolConfig().pool_size
+
+
+def test_a_misspelt_variable_under_the_prefix_is_still_an_error() -> None:
+    with pytest.raises(ConfigurationError, match="ASYNCPOOL_POOLSIZE"):
+        PoolConfig.from_env(environ={"ASYNCPOOL_POOLSIZE": "3"})
+
+
+def test_every_asyncpool_variable_read_anywhere_is_a_setting_or_in_the_one_table() -> None:
+    import re
+    from pathlib import Path
+
+    from asyncpool.config import OTHER_VARIABLES, setting_names
+
+    root = Path(__file__).resolve().parents[2]
+    sources = [*root.joinpath("asyncpool").rglob("*.py"), root / "tests" / "fix_db.py"]
+    read = {
+        name
+        for path in sources
+        for name in re.findall(r"[\"'](ASYNCPOOL_[A-Z_]+)[\"']", path.read_text())
+    }
+    settings = {"ASYNCPOOL_" + name.upper() for name in setting_names()}
+    assert read - {"ASYNCPOOL_"} <= settings | set(OTHER_VARIABLES)
+    readme = root.joinpath("README.md").read_text()
+    for name in OTHER_VARIABLES:
+        assert f"`{name}`" in readme
