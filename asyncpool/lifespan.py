@@ -308,6 +308,16 @@ async def _shutdown(engines: tuple[AsyncEngine, ...], *, drain_timeout: float) -
                 stragglers,
                 why,
             )
+    for pool in pools:
+        # Stragglers' statements are cancelled on the server before the
+        # pools go (each cleanup is bounded by cleanup_timeout).
+        if cancelled is None:
+            try:
+                await pool.wait_cleaned()
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+        if cancelled is not None:
+            pool.abort_cleanups()
     for engine in engines:
         try:
             await engine.dispose()

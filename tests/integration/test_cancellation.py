@@ -141,8 +141,16 @@ async def assert_nothing_leaked(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The state after a storm: the must-shows of the cancellation invariant."""
-    # Connects a cancelled caller left behind still finish into the pool.
+    # Connects a cancelled caller left behind still finish into the pool, and
+    # connections being cleaned hold their slots until their statements are
+    # stopped on the server and rolled back.
     await wait_until(lambda: statistics(engine).checked_out == 0, what="all connections back")
+    # So by now no statement is left running on the server: no polling.
+    running = await database.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state = 'active'",
+        app_name,
+    )
+    assert running == 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gc.collect()
