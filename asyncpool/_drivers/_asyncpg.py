@@ -26,8 +26,23 @@ from . import ConnectionState
 
 __all__ = ["ASYNCPG"]
 
-#: Objects an idle, healthy protocol does not hold.
-_UNSETTLED_FIELDS: Final = (BaseException, asyncio.Future, asyncio.TimerHandle)
+#: Types of the objects an idle, healthy protocol holds, learnt as they are met.
+_SETTLED_TYPES: Final[set[type]] = {type(None)}
+
+
+def _unsettled(fields: list[Any]) -> ConnectionState | None:
+    """A protocol field that only a running statement (a waiter future, a
+    statement timer) or an unread error (an exception) puts there."""
+    for field in fields:
+        kind = type(field)
+        if kind in _SETTLED_TYPES:
+            continue
+        if issubclass(kind, BaseException):
+            return ConnectionState.BROKEN
+        if issubclass(kind, asyncio.Future | asyncio.TimerHandle):
+            return ConnectionState.BUSY
+        _SETTLED_TYPES.add(kind)
+    return None
 
 _IDLE: Final = ConnectionState.IDLE
 _CLOSED: Final = ConnectionState.CLOSED
@@ -42,11 +57,11 @@ class _Asyncpg:
             return _CLOSED
         if protocol._is_cancelling():
             return ConnectionState.CANCELLING
-        for field in gc.get_referents(protocol):
-            if isinstance(field, _UNSETTLED_FIELDS):
-                if isinstance(field, BaseException):
-                    return ConnectionState.BROKEN
-                return ConnectionState.BUSY
+        fields = gc.get_referents(protocol)
+        if not _SETTLED_TYPES.issuperset(map(type, fields)):  # all in C: ~0.4 us
+            unsettled = _unsettled(fields)
+            if unsettled is not None:
+                return unsettled
         if protocol.is_in_transaction() or conn._top_xact is not None:
             return ConnectionState.IN_TRANSACTION
         return _IDLE
