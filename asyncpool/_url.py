@@ -33,7 +33,7 @@ or ``ssl``),
 ``statement_cache_size``, asyncpg's, as integers
 ``max_cached_statement_lifetime``,
 ``max_cacheable_statement_size``
-``host``,                left to SQLAlchemy's dialect (several hosts, socket
+``host``, ``port``,      left to SQLAlchemy's dialect (several hosts, socket
 ``prepared_statement_    directory; its statement cache)
 cache_size``
 ======================== =====================================================
@@ -93,7 +93,7 @@ _DRIVER_INTEGERS: Final = (
     "max_cacheable_statement_size",
 )
 #: Read by SQLAlchemy's asyncpg dialect itself: left in the URL.
-_DIALECT_PARAMETERS: Final = ("host", "prepared_statement_cache_size")
+_DIALECT_PARAMETERS: Final = ("host", "port", "prepared_statement_cache_size")
 
 SUPPORTED_PARAMETERS: Final = (
     *_IDENTITY,

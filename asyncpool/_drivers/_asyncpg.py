@@ -44,6 +44,7 @@ def _unsettled(fields: list[Any]) -> ConnectionState | None:
         _SETTLED_TYPES.add(kind)
     return None
 
+
 _IDLE: Final = ConnectionState.IDLE
 _CLOSED: Final = ConnectionState.CLOSED
 

@@ -85,3 +85,21 @@ async def test_a_connect_timeout_in_the_url_bounds_a_connect_to_a_silent_server(
     finally:
         await engine.dispose()
     assert time.monotonic() - started < 5  # PoolConfig's default would wait 10 s
+
+
+async def test_host_and_port_as_query_parameters_reach_the_server(
+    database: TestDatabase, app_name: str
+) -> None:
+    # libpq's form for a Unix socket or several hosts: the benchmark's URL
+    # (``postgresql://user@/db?host=/run/postgresql&port=5432``) was refused.
+    url = make_url(database.url)
+    query_form = (
+        f"postgresql+asyncpg://{url.username}@/{url.database}"
+        f"?host={url.host or '127.0.0.1'}&port={url.port or 5432}"
+    )
+    engine = create_pooled_engine(query_form, application_name=app_name, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+    finally:
+        await engine.dispose()
