@@ -23,7 +23,8 @@ class PoolStatistics:
 
     - ``name``: the pool's name (also its ``application_name`` by default).
     - ``size``: connections open now, checked out plus idle.
-    - ``max_size``: the most it may open, ``pool_size + max_overflow``.
+    - ``max_size``: the most it may open, ``pool_size + max_overflow``;
+      ``None`` for a pool without overflow limit (``max_overflow=-1``).
     - ``checked_out``: connections lent to callers now.
     - ``idle``: open connections waiting in the pool now.
     - ``overflow``: connections open above ``pool_size`` now.
@@ -54,7 +55,7 @@ class PoolStatistics:
 
     name: str
     size: int
-    max_size: int
+    max_size: int | None
     checked_out: int
     idle: int
     overflow: int
@@ -93,7 +94,7 @@ def statistics(engine: Any) -> PoolStatistics:
     return PoolStatistics(
         name=pool.name,
         size=size,
-        max_size=config.max_size,
+        max_size=pool.max_size,
         checked_out=checked_out,
         idle=idle,
         overflow=max(size - config.pool_size, 0),

@@ -196,6 +196,9 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
 
     def recreate(self) -> FairAsyncPool:
         self.logger.info("Pool recreating")
+        # Replaced (engine.dispose(), a fork): connections still lent out
+        # are closed when they come back, never parked in the old pool.
+        self._disposed = True
         return self.__class__(
             self._creator,
             asyncpool_state=self._state,
@@ -216,6 +219,13 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+    @property
+    def max_size(self) -> int | None:
+        """The most connections it may open; ``None`` with ``max_overflow=-1`` (no limit)."""
+        if self._max_overflow == -1:
+            return None
+        return self._pool.maxsize + self._max_overflow
 
     @property
     def cleaning(self) -> int:
@@ -653,10 +663,13 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         driver.abort(driver_connection)
 
     def dispose(self) -> None:
-        self._disposed = True
+        """Close the idle connections (SQLAlchemy's ``Pool.dispose()``); the pool
+        keeps pooling. ``engine.dispose()`` also replaces it (``recreate()``)."""
+        closed = 0
         while self._idle:
             self._idle.popleft().close()
-        self._overflow = 0 - self.size()
+            closed += 1
+        self._overflow -= closed  # their slots are free again
         self.logger.info("Pool disposed. %s", self.status())
 
     # ---------------------------------------------------------------- shutdown

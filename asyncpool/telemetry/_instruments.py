@@ -246,7 +246,10 @@ class PoolInstruments:
         return out
 
     def _observe_max(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(p.state.config.max_size, r.attributes) for r, p in self._live()]
+        # No limit (max_overflow=-1): no maximum to report.
+        return [
+            Observation(p.max_size, r.attributes) for r, p in self._live() if p.max_size is not None
+        ]
 
     def _observe_idle_max(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(p.state.config.pool_size, r.attributes) for r, p in self._live()]
