@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -94,6 +95,7 @@ class Cleanup:
         self._pool = pool
         self._jobs: dict[ConnectionPoolEntry, _Job] = {}
         self._idle: asyncio.Event | None = None
+        self._watcher: AsyncGenerator[None, None] | None = None
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -200,28 +202,62 @@ class Cleanup:
         if self._jobs.get(record) is job:
             del self._jobs[record]
         clean = not task.cancelled() and task.exception() is None and task.result()
+        parked = False
         try:
-            if clean and job.returned and pool.accepts_returns():
+            if (
+                clean
+                and job.returned
+                and pool.accepts_returns()
+                and (not job.detached or record.dbapi_connection is None)
+            ):
                 pool.state.counters.cleanups_reused += 1
                 if job.detached:
                     _put_back(record, job.dbapi_connection)
             elif not job.detached:
-                # Discarded: SQLAlchemy's record lets go of it (events, counters).
-                record.invalidate(CleanupFailed(f"pool {pool.name!r}: cleanup failed"))
+                # Discarded: SQLAlchemy's record lets go of it (events); its
+                # invalidation was counted when it came back unclean.
+                failed = CleanupFailed(f"pool {pool.name!r}: cleanup failed", counted=True)
+                record.invalidate(failed)
             elif clean:
-                pool.driver.abort(job.dbapi_connection.driver_connection)  # nobody to give it to
+                # Nobody to give it to (or its record holds a newer connection).
+                pool.driver.abort(job.dbapi_connection.driver_connection)
             if job.returned:
-                pool.park(record)
+                parked = True
+                pool.park(record)  # never raises; frees the slot if it closes
         except Exception:
-            # A failing user listener must not cost the pool its slot.
+            # A failing user listener must not cost the pool its slot, nor free it twice.
             logger.exception("pool %r: finishing a cleanup failed", pool.name)
-            if job.returned:
+            if job.returned and not parked:
                 pool.release_slot()
         finally:
             if not self._jobs and self._idle is not None:
                 self._idle.set()
 
     # ------------------------------------------------------------- shutdown
+
+    def watch_loop(self) -> None:
+        """Call ``pool.at_loop_end()`` when the owner loop shuts down
+        (``asyncio.run()``, ``uvloop.run()``): an async generator is what such a
+        loop closes last (``shutdown_asyncgens()``), after it cancelled its
+        tasks, so the cleanups those cancellations started are there to finish."""
+        watcher = _watch_loop_end(self)
+        self._watcher = watcher  # the loop holds it weakly
+        try:
+            watcher.asend(None).send(None)  # to its first yield: now the loop knows it
+        except StopIteration:
+            pass
+
+    async def finish(self) -> None:
+        """Let the cleanups in flight finish (bounded), then abort what is left."""
+        if self._jobs:
+            try:
+                async with asyncio.timeout(self._pool.state.config.cleanup_timeout):
+                    await self.wait()
+            except TimeoutError:
+                pass
+        tasks = [job.task for job in self._jobs.values() if job.task is not None]
+        self.abort_all()
+        await asyncio.gather(*tasks, return_exceptions=True)  # let them end here
 
     async def wait(self) -> None:
         """Until no cleanup is in flight (each is bounded by ``cleanup_timeout``)."""
@@ -248,12 +284,20 @@ class Cleanup:
         driver = self._pool.driver
         jobs, self._jobs = list(self._jobs.values()), {}
         self._idle = None
+        self._watcher = None
         for job in jobs:
             driver.abandon(job.dbapi_connection.driver_connection)
             if not job.detached:
                 _put_back(job.record, None)
             if job.returned:
                 self._pool.park(job.record)
+
+
+async def _watch_loop_end(cleanup: Cleanup) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        await cleanup._pool.at_loop_end()
 
 
 def _put_back(record: ConnectionPoolEntry, dbapi_connection: Any) -> None:

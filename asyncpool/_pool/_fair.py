@@ -44,6 +44,7 @@ from . import _loops
 from ._cleanup import Cleanup
 from ._leaks import LeakWatch
 from ._state import (
+    OwnerLoopClosed,
     PoolState,
     PrePingFailed,
     ReturnedUnclean,
@@ -263,6 +264,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
     def _do_get(self) -> ConnectionPoolEntry:
         if self._loop is not asyncio.get_running_loop():
             self._loop = _loops.adopt_running_loop(self)
+            self._cleanup.watch_loop()
         if self._state.closed:
             raise PoolClosedError(f"pool {self.name!r} is closed; no new checkouts are accepted")
         started = time.perf_counter()
@@ -561,6 +563,10 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             return
         try:
             record.close()
+        except Exception:
+            # A failing user close listener: the connection is gone all the
+            # same, and the slot must come free exactly once.
+            logger.exception("pool %r: closing a returned connection failed", self.name)
         finally:
             self.release_slot()
 
@@ -650,7 +656,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             for rec in self._lent:
                 if rec.dbapi_connection is connection:
                     if driver.state(driver_connection) is not ConnectionState.CLOSED:
-                        why = rec.__dict__.pop("_ap_invalidated_by", None)
+                        why = self._state.invalidated_by(connection)
                         reusable = invalidation_reason(why) in _UNCLEAR_STATE_REASONS
                         self._cleanup.adopt(rec, connection, reusable=reusable)
                         return
@@ -740,6 +746,17 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         return dropped
 
     # ------------------------------------------------------------- event loops
+
+    async def at_loop_end(self) -> None:
+        """The owner loop is shutting down: its connections are of no use to
+        another loop. Finish the cleanups (their statements stop on the server),
+        then drop the idle connections while the loop can still close them."""
+        await self._cleanup.finish()
+        dropped = self.invalidate_idle(OwnerLoopClosed(f"pool {self.name!r}: owner loop closed"))
+        if dropped:
+            logger.debug(
+                "pool %r: owner loop ending; closed %d idle connections", self.name, dropped
+            )
 
     def forget_dead_loop(self) -> None:
         """The owner loop is closed: forget what belonged to it (see ``_loops``)."""

@@ -57,7 +57,15 @@ class ReturnedUnclean(Exception):
 
 
 class CleanupFailed(Exception):
-    """A connection could not be put back in order (or not in time) and was closed."""
+    """A connection could not be put back in order (or not in time) and was closed.
+
+    ``counted``: its invalidation was already counted, under the reason it
+    came back unclean for.
+    """
+
+    def __init__(self, message: str, *, counted: bool = False) -> None:
+        super().__init__(message)
+        self.counted = counted
 
 
 #: Invalidation labels after which other idle connections may be dead too.
@@ -114,7 +122,16 @@ class PoolCounters:
 class PoolState:
     """What one engine's pools share across ``engine.dispose()`` (which recreates the pool)."""
 
-    __slots__ = ("closed", "config", "counters", "doubt_since", "name", "observers")
+    __slots__ = (
+        "__weakref__",
+        "_last_invalidation",
+        "closed",
+        "config",
+        "counters",
+        "doubt_since",
+        "name",
+        "observers",
+    )
 
     def __init__(self, config: PoolConfig, name: str) -> None:
         self.config = config
@@ -125,6 +142,9 @@ class PoolState:
         #: ``time.monotonic()`` of the last disconnect seen: connections parked
         #: before it are pinged at checkout even inside the skip window.
         self.doubt_since = 0.0
+        #: (DBAPI connection, exception) of the invalidation under way: the
+        #: pool's close, which SQLAlchemy calls right after, decides by it.
+        self._last_invalidation: tuple[Any, BaseException | None] | None = None
 
     def add_observer(self, observer: PoolObserver) -> None:
         self.observers = (*self.observers, observer)
@@ -136,9 +156,17 @@ class PoolState:
         self, dbapi_connection: Any, record: Any, exception: BaseException | None
     ) -> None:
         """``PoolEvents.invalidate`` listener: every invalidation, whoever caused it."""
-        if record is not None:
-            record._ap_invalidated_by = exception  # the pool's close decides by it
+        self._last_invalidation = (dbapi_connection, exception)
+        if isinstance(exception, CleanupFailed) and exception.counted:
+            return  # counted when the connection came back unclean
         self.count_invalidation(invalidation_reason(exception))
+
+    def invalidated_by(self, dbapi_connection: Any) -> BaseException | None:
+        """Why ``dbapi_connection`` is being invalidated (None if not known)."""
+        last, self._last_invalidation = self._last_invalidation, None
+        if last is not None and last[0] is dbapi_connection:
+            return last[1]
+        return None
 
     def count_invalidation(self, reason: str) -> None:
         self.counters.invalidations += 1

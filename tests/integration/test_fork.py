@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from asyncpool import statistics
 from tests.fix_db import EngineFactory, TestDatabase
+from tests.fix_loops import run
 
 #: Concurrent queries each child runs (over the pool's two connections).
 CHILD_QUERIES = 20
@@ -47,7 +48,7 @@ def child_work(engine: AsyncEngine) -> dict[str, Any]:
             await engine.dispose()
 
     try:
-        return {"pids": sorted(set(asyncio.run(main())))}
+        return {"pids": sorted(set(run(main())))}
     except BaseException:
         return {"error": traceback.format_exc()}
 
