@@ -22,6 +22,13 @@ __all__ = ["OTHER_VARIABLES", "PoolConfig"]
 #: PostgreSQL takes ``client_connection_check_interval`` in milliseconds, up to INT_MAX.
 _CHECK_INTERVAL_MAX: Final = 2_147_483.0
 
+#: The most connections ``pool_size`` and ``max_overflow`` may each ask for.
+POOL_SIZE_MAX: Final = 10_000
+MAX_OVERFLOW_MAX: Final = 10_000
+
+#: The longest queue ``max_waiting`` may allow.
+MAX_WAITING_MAX: Final = 1_000_000
+
 #: PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes.
 _APPLICATION_NAME_MAX: Final = 63
 
@@ -104,14 +111,14 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         _check_name("name", self.name, optional=True)
-        _check_int("pool_size", self.pool_size, low=1, high=10_000)
-        _check_int("max_overflow", self.max_overflow, low=0, high=10_000)
+        _check_int("pool_size", self.pool_size, low=1, high=POOL_SIZE_MAX)
+        _check_int("max_overflow", self.max_overflow, low=0, high=MAX_OVERFLOW_MAX)
         _check_seconds("pool_timeout", self.pool_timeout, allow_zero=False)
         _check_seconds("pool_recycle", self.pool_recycle, allow_zero=False, optional=True)
         _check_bool("pre_ping", self.pre_ping)
         _check_seconds("pre_ping_timeout", self.pre_ping_timeout, allow_zero=False)
         _check_seconds("pre_ping_skip_window", self.pre_ping_skip_window, allow_zero=True)
-        _check_int("max_waiting", self.max_waiting, low=0, high=1_000_000)
+        _check_int("max_waiting", self.max_waiting, low=0, high=MAX_WAITING_MAX)
         _check_bool("use_lifo", self.use_lifo)
         _check_seconds("connect_timeout", self.connect_timeout, allow_zero=False)
         _check_seconds("command_timeout", self.command_timeout, allow_zero=False, optional=True)
