@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
+from ._validate import ENGINES_EXPECTED, check_int
 from .engine import pool_of
 from .errors import BudgetExceededError, ConfigurationError
 from .routing import application_name_of
@@ -37,6 +38,7 @@ __all__ = [
     "EngineBudget",
     "ServerBudget",
     "check_budget",
+    "check_budget_mode",
     "connection_budget",
     "processes_from_env",
 ]
@@ -200,8 +202,8 @@ async def connection_budget(*engines: Any, processes: int, reserve: int = 0) -> 
     (workers x pods); ``reserve``: connections to keep free on each server.
     Opens one connection per server, through the first engine that uses it.
     """
-    _check_count("processes", processes, low=1)
-    _check_count("reserve", reserve, low=0)
+    check_int("processes", processes, low=1)
+    check_int("reserve", reserve, low=0)
     members = _members(engines)
     behind_pooler = tuple(share for _, share in members if share.pooler is not None)
     by_server: dict[str, list[tuple[AsyncEngine, EngineBudget]]] = {}
@@ -245,10 +247,12 @@ async def check_budget(
     else 1. ``mode=None`` checks nothing. Raises ``BudgetExceededError`` with
     the arithmetic and sizes that fit.
     """
+    check_budget_mode(mode)
+    if processes is not None:
+        check_int("processes", processes, low=1)
+    check_int("reserve", reserve, low=0)
     if mode is None:
         return None
-    if mode not in _MODES:
-        raise ConfigurationError("budget", mode, "None, 'warn' or 'enforce'")
     if processes is None:
         processes = processes_from_env()
     budget = await connection_budget(*engines, processes=processes, reserve=reserve)
@@ -262,6 +266,12 @@ async def check_budget(
     return budget
 
 
+def check_budget_mode(mode: object) -> None:
+    """``budget=`` is ``None``, ``"warn"`` or ``"enforce"``."""
+    if mode is not None and (not isinstance(mode, str) or mode not in _MODES):
+        raise ConfigurationError("budget", mode, "None, 'warn' or 'enforce'")
+
+
 def processes_from_env(environ: Mapping[str, str] | None = None) -> int:
     """Processes sharing the budget: ``ASYNCPOOL_PROCESSES``, ``WEB_CONCURRENCY``, else 1."""
     env = os.environ if environ is None else environ
@@ -272,7 +282,7 @@ def processes_from_env(environ: Mapping[str, str] | None = None) -> int:
                 value = int(raw)
             except ValueError:
                 raise ConfigurationError(variable, raw, "a whole number of processes") from None
-            _check_count(variable, value, low=1)
+            check_int(variable, value, low=1)
             return value
     return 1
 
@@ -303,9 +313,7 @@ def _members(items: tuple[Any, ...]) -> list[tuple[AsyncEngine, EngineBudget]]:
             continue
         engines = getattr(item, "engines", None)
         if engines is None or isinstance(engines, str | bytes):
-            raise TypeError(
-                f"expected an AsyncEngine or an object with 'engines', got {type(item).__name__}"
-            )
+            raise ConfigurationError("engines", type(item).__name__, ENGINES_EXPECTED)
         for engine, share in _members(tuple(engines)):
             found.setdefault(id(engine), (engine, share))
     return list(found.values())
@@ -376,8 +384,3 @@ def _with_suggestions(budget: ServerBudget) -> ServerBudget:
         processes=budget.processes,
         engines=tuple(suggested),
     )
-
-
-def _check_count(setting: str, value: object, *, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigurationError(setting, value, f"an integer >= {low}")

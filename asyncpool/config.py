@@ -9,12 +9,12 @@ settings from ``ASYNCPOOL_*`` variables with the same checks.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ._validate import check_bool, check_int, check_name, check_seconds
 from .errors import ConfigurationError
 
 __all__ = ["OTHER_VARIABLES", "PoolConfig"]
@@ -22,8 +22,12 @@ __all__ = ["OTHER_VARIABLES", "PoolConfig"]
 #: PostgreSQL takes ``client_connection_check_interval`` in milliseconds, up to INT_MAX.
 _CHECK_INTERVAL_MAX: Final = 2_147_483.0
 
-#: PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes.
-_APPLICATION_NAME_MAX: Final = 63
+#: The most connections ``pool_size`` and ``max_overflow`` may each ask for.
+POOL_SIZE_MAX: Final = 10_000
+MAX_OVERFLOW_MAX: Final = 10_000
+
+#: The longest queue ``max_waiting`` may allow.
+MAX_WAITING_MAX: Final = 1_000_000
 
 #: Every ``ASYNCPOOL_*`` variable asyncpool reads that is not a pool setting,
 #: and who reads it (the README's table). ``from_env()`` skips these; any other
@@ -103,24 +107,24 @@ class PoolConfig:
     client_connection_check_interval: float | None = 1.0
 
     def __post_init__(self) -> None:
-        _check_name("name", self.name, optional=True)
-        _check_int("pool_size", self.pool_size, low=1, high=10_000)
-        _check_int("max_overflow", self.max_overflow, low=0, high=10_000)
-        _check_seconds("pool_timeout", self.pool_timeout, allow_zero=False)
-        _check_seconds("pool_recycle", self.pool_recycle, allow_zero=False, optional=True)
-        _check_bool("pre_ping", self.pre_ping)
-        _check_seconds("pre_ping_timeout", self.pre_ping_timeout, allow_zero=False)
-        _check_seconds("pre_ping_skip_window", self.pre_ping_skip_window, allow_zero=True)
-        _check_int("max_waiting", self.max_waiting, low=0, high=1_000_000)
-        _check_bool("use_lifo", self.use_lifo)
-        _check_seconds("connect_timeout", self.connect_timeout, allow_zero=False)
-        _check_seconds("command_timeout", self.command_timeout, allow_zero=False, optional=True)
-        _check_seconds("leak_threshold", self.leak_threshold, allow_zero=False, optional=True)
-        _check_name("application_name", self.application_name, optional=True)
+        check_name("name", self.name, optional=True)
+        check_int("pool_size", self.pool_size, low=1, high=POOL_SIZE_MAX)
+        check_int("max_overflow", self.max_overflow, low=0, high=MAX_OVERFLOW_MAX)
+        check_seconds("pool_timeout", self.pool_timeout, allow_zero=False)
+        check_seconds("pool_recycle", self.pool_recycle, allow_zero=False, optional=True)
+        check_bool("pre_ping", self.pre_ping)
+        check_seconds("pre_ping_timeout", self.pre_ping_timeout, allow_zero=False)
+        check_seconds("pre_ping_skip_window", self.pre_ping_skip_window, allow_zero=True)
+        check_int("max_waiting", self.max_waiting, low=0, high=MAX_WAITING_MAX)
+        check_bool("use_lifo", self.use_lifo)
+        check_seconds("connect_timeout", self.connect_timeout, allow_zero=False)
+        check_seconds("command_timeout", self.command_timeout, allow_zero=False, optional=True)
+        check_seconds("leak_threshold", self.leak_threshold, allow_zero=False, optional=True)
+        check_name("application_name", self.application_name, optional=True)
         if self.min_idle is not None:
-            _check_int("min_idle", self.min_idle, low=0, high=self.pool_size, high_name="pool_size")
-        _check_seconds("cleanup_timeout", self.cleanup_timeout, allow_zero=False)
-        _check_seconds(
+            check_int("min_idle", self.min_idle, low=0, high=self.pool_size, high_name="pool_size")
+        check_seconds("cleanup_timeout", self.cleanup_timeout, allow_zero=False)
+        check_seconds(
             "client_connection_check_interval",
             self.client_connection_check_interval,
             allow_zero=False,
@@ -234,60 +238,3 @@ def _parse_env(key: str, raw: str, kind: tuple[str, bool]) -> Any:
         if optional:
             expected += " or 'none'"
         raise ConfigurationError(key, raw, expected) from None
-
-
-def _check_int(
-    setting: str, value: object, *, low: int, high: int, high_name: str | None = None
-) -> None:
-    upper = f"{high_name} ({high})" if high_name else str(high)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigurationError(setting, value, f"an integer from {low} to {upper}")
-
-
-def _check_seconds(
-    setting: str,
-    value: object,
-    *,
-    allow_zero: bool,
-    optional: bool = False,
-    low: float | None = None,
-    high: float | None = None,
-) -> None:
-    if value is None and optional:
-        return
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value >= 0 if allow_zero else value > 0)
-        and (low is None or value >= low)
-        and (high is None or value <= high)
-    )
-    if not ok:
-        if low is not None and high is not None:
-            expected = f"a number of seconds from {low:g} to {high:g}"
-        else:
-            expected = "a finite number of seconds " + (">= 0" if allow_zero else "> 0")
-        if optional:
-            expected += ", or None to turn it off"
-        raise ConfigurationError(setting, value, expected)
-
-
-def _check_bool(setting: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ConfigurationError(setting, value, "True or False")
-
-
-def _check_name(setting: str, value: object, *, optional: bool) -> None:
-    if value is None and optional:
-        return
-    ok = (
-        isinstance(value, str)
-        and 0 < len(value.encode()) <= _APPLICATION_NAME_MAX
-        and value.isascii()
-        and value.isprintable()
-    )
-    if not ok:
-        raise ConfigurationError(
-            setting, value, f"printable ASCII text of 1 to {_APPLICATION_NAME_MAX} characters"
-        )

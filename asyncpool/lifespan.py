@@ -41,12 +41,13 @@ from sqlalchemy.pool import NullPool
 
 from ._classify import sqlstate_of
 from ._pool import FairAsyncPool, PoolState
-from ._url import scrub
-from .budget import BudgetMode, check_budget
+from ._url import redact_url, scrub
+from ._validate import ENGINES_EXPECTED, check_bool, check_int, check_seconds
+from .budget import BudgetMode, check_budget, check_budget_mode
 from .engine import pool_of
 from .errors import AsyncPoolError, ConfigurationError, DatabaseUnavailableError
 
-__all__ = ["engines_of", "pool_lifespan"]
+__all__ = ["check_lifespan_arguments", "engines_of", "pool_lifespan", "pooled_engines"]
 
 logger = logging.getLogger("asyncpool.lifespan")
 
@@ -80,7 +81,8 @@ def engines_of(*items: Any) -> tuple[AsyncEngine, ...]:
     """Flatten engines and engine groups (anything with an ``engines`` iterable).
 
     Duplicates are dropped, first occurrence kept, so an engine listed twice
-    (alone and in a group) is warmed and disposed once.
+    (alone and in a group) is warmed and disposed once. Anything else is a
+    ``ConfigurationError`` naming ``engines``.
     """
     found: dict[int, AsyncEngine] = {}
     for item in items:
@@ -89,10 +91,7 @@ def engines_of(*items: Any) -> tuple[AsyncEngine, ...]:
             continue
         members = getattr(item, "engines", None)
         if members is None or isinstance(members, str | bytes):
-            raise TypeError(
-                f"expected an AsyncEngine or an object with an 'engines' attribute, "
-                f"got {type(item).__name__}"
-            )
+            raise ConfigurationError("engines", type(item).__name__, ENGINES_EXPECTED)
         if isinstance(members, dict):
             members = members.values()
         for engine in engines_of(*members):
@@ -100,15 +99,48 @@ def engines_of(*items: Any) -> tuple[AsyncEngine, ...]:
     return tuple(found.values())
 
 
-@contextlib.asynccontextmanager
-async def pool_lifespan(
+def check_lifespan_arguments(
+    *,
+    warm: object,
+    warm_timeout: object,
+    drain_timeout: object,
+    budget: object = None,
+    processes: object = None,
+) -> None:
+    """``pool_lifespan``'s options, each a ``ConfigurationError`` naming it when wrong."""
+    check_bool("warm", warm)
+    check_seconds("warm_timeout", warm_timeout, allow_zero=False)
+    check_seconds("drain_timeout", drain_timeout, allow_zero=True)
+    check_budget_mode(budget)
+    if processes is not None:
+        check_int("processes", processes, low=1)
+
+
+def pooled_engines(*engines: Any) -> tuple[tuple[AsyncEngine, ...], tuple[AsyncEngine, ...]]:
+    """Every engine of ``engines``, and those on asyncpool's pool (the rest are NullPool).
+
+    An engine on any other pool is a ``ConfigurationError`` naming ``engines``.
+    """
+    everything = engines_of(*engines)
+    flat = tuple(e for e in everything if not isinstance(e.sync_engine.pool, NullPool))
+    for engine in flat:
+        if not isinstance(engine.sync_engine.pool, FairAsyncPool):
+            raise ConfigurationError(
+                "engines",
+                redact_url(engine.url),
+                "engines made by asyncpool.create_pooled_engine or create_analytics_engine",
+            )
+    return everything, flat
+
+
+def pool_lifespan(
     *engines: Any,
     warm: bool = True,
     warm_timeout: float = DEFAULT_WARM_TIMEOUT,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     budget: BudgetMode | None = None,
     processes: int | None = None,
-) -> AsyncIterator[tuple[AsyncEngine, ...]]:
+) -> contextlib.AbstractAsyncContextManager[tuple[AsyncEngine, ...]]:
     """Warm the pools of ``engines`` on entry; drain and dispose them on exit.
 
     ``engines`` are engines from ``create_pooled_engine`` or objects with an
@@ -120,15 +152,42 @@ async def pool_lifespan(
     the server's ``max_connections`` (``asyncpool.budget.check_budget``);
     ``"enforce"`` refuses to start with ``BudgetExceededError``. Unpooled
     engines (``create_analytics_engine``) are not warmed, only disposed.
+
+    Every argument is checked here, when called: a bad one is a
+    ``ConfigurationError`` naming it, before any pool is touched.
     """
-    everything = engines_of(*engines)
-    flat = tuple(e for e in everything if not isinstance(e.sync_engine.pool, NullPool))
-    for engine in flat:
-        pool_of(engine)  # fails early for a foreign engine
-    if not warm_timeout > 0:
-        raise ConfigurationError("warm_timeout", warm_timeout, "a number of seconds > 0")
-    if not drain_timeout >= 0:
-        raise ConfigurationError("drain_timeout", drain_timeout, "a number of seconds >= 0")
+    check_lifespan_arguments(
+        warm=warm,
+        warm_timeout=warm_timeout,
+        drain_timeout=drain_timeout,
+        budget=budget,
+        processes=processes,
+    )
+    everything, flat = pooled_engines(*engines)
+    return _lifespan(
+        engines,
+        everything,
+        flat,
+        warm=warm,
+        warm_timeout=warm_timeout,
+        drain_timeout=drain_timeout,
+        budget=budget,
+        processes=processes,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(
+    engines: tuple[Any, ...],
+    everything: tuple[AsyncEngine, ...],
+    flat: tuple[AsyncEngine, ...],
+    *,
+    warm: bool,
+    warm_timeout: float,
+    drain_timeout: float,
+    budget: BudgetMode | None,
+    processes: int | None,
+) -> AsyncIterator[tuple[AsyncEngine, ...]]:
     opened = _enter(flat)
     try:
         await check_budget(engines, processes, budget)  # groups keep their roles

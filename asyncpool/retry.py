@@ -31,14 +31,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Final, ParamSpec, TypeVar, overload
 
 from ._classify import classify, is_disconnect
-from .errors import ConfigurationError
+from ._validate import check_callable, check_int, check_seconds
 
 __all__ = ["Attempt", "Retry", "retry"]
 
@@ -73,14 +72,10 @@ class Retry:
         max_backoff: float = _DEFAULT_MAX_BACKOFF,
         retry_on: Callable[[BaseException], bool] = is_disconnect,
     ) -> None:
-        if isinstance(attempts, bool) or not isinstance(attempts, int):
-            raise ConfigurationError("attempts", attempts, f"an integer from 1 to {_MAX_ATTEMPTS}")
-        if not 1 <= attempts <= _MAX_ATTEMPTS:
-            raise ConfigurationError("attempts", attempts, f"an integer from 1 to {_MAX_ATTEMPTS}")
-        _check_seconds("backoff", backoff)
-        _check_seconds("max_backoff", max_backoff)
-        if not callable(retry_on):
-            raise ConfigurationError("retry_on", retry_on, "a callable taking the exception")
+        check_int("attempts", attempts, low=1, high=_MAX_ATTEMPTS)
+        check_seconds("backoff", backoff, allow_zero=True)
+        check_seconds("max_backoff", max_backoff, allow_zero=True)
+        check_callable("retry_on", retry_on, "a callable taking the exception")
         self.attempts = attempts
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
@@ -99,8 +94,7 @@ class Retry:
 
     def __call__(self, func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         """Decorate a coroutine function: each call is retried as a whole."""
-        if not callable(func):
-            raise TypeError(f"asyncpool.retry decorates coroutine functions, not {func!r}")
+        check_callable("func", func, "a coroutine function (asyncpool.retry decorates those)")
 
         @functools.wraps(func)
         async def retried(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -218,14 +212,3 @@ def retry(
     if func is None:
         return policy
     return policy(func)
-
-
-def _check_seconds(setting: str, value: object) -> None:
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value >= 0
-    )
-    if not ok:
-        raise ConfigurationError(setting, value, "a finite number of seconds >= 0")

@@ -47,6 +47,14 @@ from sqlalchemy.sql.selectable import SelectBase
 
 from ._pool import next_pool_name
 from ._url import redact_url
+from ._validate import (
+    NAME_MAX,
+    check_int,
+    check_mapping,
+    check_name,
+    check_seconds,
+    check_sequence,
+)
 from .config import PoolConfig
 from .engine import connect_args_for, create_pooled_engine, parse_url, pool_of, with_url_settings
 from .errors import AsyncPoolError, ConfigurationError, PoolTimeoutError
@@ -206,14 +214,23 @@ class EngineGroup:
         analytics_limit: int = DEFAULT_ANALYTICS_LIMIT,
         session_options: Mapping[str, Any] | None = None,
     ) -> None:
-        _check_seconds("sticky_window", sticky_window, allow_zero=True)
-        _check_seconds("retry_interval", retry_interval, allow_zero=False)
-        if (
-            isinstance(analytics_limit, bool)
-            or not isinstance(analytics_limit, int)
-            or analytics_limit < 1
-        ):
-            raise ConfigurationError("analytics_limit", analytics_limit, "an integer >= 1")
+        if not isinstance(primary, AsyncEngine):
+            raise ConfigurationError("primary", type(primary).__name__, "an AsyncEngine")
+        replicas = check_sequence(
+            "replicas", replicas, _is_engine, items="AsyncEngines", item="an AsyncEngine"
+        )
+        if analytics is not None and not isinstance(analytics, AsyncEngine):
+            raise ConfigurationError(
+                "analytics", type(analytics).__name__, "an AsyncEngine or None"
+            )
+        _check_group_options(
+            {
+                "sticky_window": sticky_window,
+                "retry_interval": retry_interval,
+                "analytics_limit": analytics_limit,
+                "session_options": session_options,
+            }
+        )
         engines = [primary, *replicas, *([analytics] if analytics is not None else [])]
         if len({id(e) for e in engines}) != len(engines):
             raise ConfigurationError("engines", "the same engine twice", "distinct engines")
@@ -253,6 +270,25 @@ class EngineGroup:
         ``command_timeout``, ``application_name`` and ``pooler`` from
         ``analytics_config`` (default: ``config``).
         """
+        _check_url("primary", primary)
+        replicas = check_sequence(
+            "replicas", replicas, _is_url, items="database URLs", item="a database URL"
+        )
+        for index, url in enumerate(replicas):
+            _check_url(f"replicas[{index}]", url)
+        if analytics is not None:
+            _check_url("analytics", analytics)
+        suffix = max(len("-analytics"), len(f"-replica-{len(replicas)}"))
+        check_name("name", name, optional=False, max_length=NAME_MAX - suffix)
+        for setting, value in (
+            ("config", config),
+            ("replica_config", replica_config),
+            ("analytics_config", analytics_config),
+        ):
+            if value is not None and not isinstance(value, PoolConfig):
+                raise ConfigurationError(setting, type(value).__name__, "a PoolConfig or None")
+        check_mapping("engine_options", engine_options)
+        _check_group_options(group_options)
         config = config if config is not None else PoolConfig()
         replica_config = replica_config if replica_config is not None else config
         analytics_config = analytics_config if analytics_config is not None else config
@@ -602,14 +638,36 @@ def _driver_closed(driver: Any) -> bool:
     return bool(is_closed()) if callable(is_closed) else False
 
 
-def _check_seconds(setting: str, value: object, *, allow_zero: bool) -> None:
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and value >= 0
-        and (allow_zero or value > 0)
-        and value != float("inf")
-    )
-    if not ok:
-        expected = "a finite number of seconds " + (">= 0" if allow_zero else "> 0")
-        raise ConfigurationError(setting, value, expected)
+#: ``EngineGroup`` keyword options that ``EngineGroup.create`` passes through.
+_GROUP_OPTIONS: Final = ("sticky_window", "retry_interval", "analytics_limit", "session_options")
+
+
+def _check_group_options(options: Mapping[str, Any]) -> None:
+    unknown = sorted(set(options) - set(_GROUP_OPTIONS))
+    if unknown:
+        raise ConfigurationError(
+            unknown[0], options[unknown[0]], f"one of the options {', '.join(_GROUP_OPTIONS)}"
+        )
+    if "sticky_window" in options:
+        check_seconds("sticky_window", options["sticky_window"], allow_zero=True)
+    if "retry_interval" in options:
+        check_seconds("retry_interval", options["retry_interval"], allow_zero=False)
+    if "analytics_limit" in options:
+        check_int("analytics_limit", options["analytics_limit"], low=1)
+    check_mapping("session_options", options.get("session_options"))
+
+
+def _check_url(setting: str, url: object) -> None:
+    """The URL as ``create_pooled_engine`` would check it, the error naming ``setting``."""
+    try:
+        parse_url(url)  # type: ignore[arg-type]
+    except ConfigurationError as exc:
+        raise ConfigurationError(setting, exc.value, exc.expected) from None
+
+
+def _is_engine(value: object) -> bool:
+    return isinstance(value, AsyncEngine)
+
+
+def _is_url(value: object) -> bool:
+    return isinstance(value, str | URL)

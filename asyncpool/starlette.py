@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Final
@@ -37,12 +38,22 @@ from typing import Any, Final
 import anyio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ._pool import FairAsyncPool
 from ._url import redact_url, scrub
-from .lifespan import DEFAULT_DRAIN_TIMEOUT, DEFAULT_WARM_TIMEOUT, engines_of, pool_lifespan
+from ._validate import check_callable, check_seconds
+from .errors import ConfigurationError
+from .lifespan import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_WARM_TIMEOUT,
+    check_lifespan_arguments,
+    engines_of,
+    pool_lifespan,
+    pooled_engines,
+)
 from .stats import statistics
 
 __all__ = ["STATE_KEY", "Sessions", "create_lifespan", "health_endpoint"]
@@ -71,6 +82,11 @@ def create_lifespan(
     ``STATE_KEY``. ``engines`` may include engine groups (objects with an
     ``engines`` attribute).
     """
+
+    check_lifespan_arguments(warm=warm, warm_timeout=warm_timeout, drain_timeout=drain_timeout)
+    pooled_engines(*engines)
+    if lifespan is not None:
+        check_callable("lifespan", lifespan, "an app lifespan (app -> async context manager)")
 
     @contextlib.asynccontextmanager
     async def app_lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
@@ -102,9 +118,19 @@ class Sessions:
     ) -> None:
         if isinstance(bind, async_sessionmaker):
             if session_options:
-                raise TypeError("give session options to your async_sessionmaker, not to Sessions")
+                name = sorted(session_options)[0]
+                raise ConfigurationError(
+                    name,
+                    session_options[name],
+                    "given to your async_sessionmaker, not to Sessions",
+                )
             self.sessionmaker: async_sessionmaker[AsyncSession] = bind
         else:
+            if not isinstance(bind, AsyncEngine):
+                raise ConfigurationError(
+                    "bind", type(bind).__name__, "an AsyncEngine or an async_sessionmaker"
+                )
+            _check_session_options(session_options)
             session_options.setdefault("expire_on_commit", False)
             session_options.setdefault("close_resets_only", False)
             self.sessionmaker = async_sessionmaker(bind, **session_options)
@@ -181,6 +207,7 @@ def health_endpoint(
     a database does not answer in time, errors, or its pool is shutting down
     (so a draining instance leaves the load balancer first).
     """
+    check_seconds("timeout", timeout, allow_zero=False)
     fixed = engines_of(*engines) if engines else None
 
     async def health(request: Request) -> JSONResponse:
@@ -196,6 +223,29 @@ def health_endpoint(
         return JSONResponse(body, status_code=503 if failed else 200)
 
     return health
+
+
+def _check_session_options(options: Mapping[str, Any]) -> None:
+    """Options ``AsyncSession`` takes, named when unknown (else the first request fails)."""
+    sync_class = options.get("sync_session_class") or Session
+    if not (isinstance(sync_class, type) and issubclass(sync_class, Session)):
+        raise ConfigurationError(
+            "sync_session_class", type(sync_class).__name__, "a subclass of sqlalchemy.orm.Session"
+        )
+    known = {"binds", "sync_session_class"}
+    for name, parameter in inspect.signature(sync_class.__init__).parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            return  # the class takes anything
+        known.add(name)
+    known -= {"self", "bind"}
+    for name in sorted(options):
+        if name not in known:
+            raise ConfigurationError(
+                name, options[name], f"an AsyncSession option, one of {', '.join(sorted(known))}"
+            )
+    for flag in ("expire_on_commit", "close_resets_only", "autoflush", "autobegin"):
+        if flag in options and not isinstance(options[flag], bool):
+            raise ConfigurationError(flag, options[flag], "True or False")
 
 
 def _engines_from_state(request: Request) -> tuple[AsyncEngine, ...]:

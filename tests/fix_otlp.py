@@ -8,14 +8,25 @@ helpers to find metric points by name and pool.
 ``otlp_receiver``: the OTLP collector gRPC services from ``opentelemetry-proto``
 served with grpcio on 127.0.0.1 (a free port), keeping every export request
 it receives; stopped at the end of the test.
+
+``otlp_http_receiver``: the same over OTLP/HTTP with binary protobuf
+(``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf``): a small HTTP server on
+127.0.0.1 taking ``POST /v1/metrics`` and ``POST /v1/traces`` with
+``Content-Type: application/x-protobuf`` (gzip or not), decoding each body
+as ``ExportMetricsServiceRequest`` / ``ExportTraceServiceRequest``. Anything
+else (another path, JSON, a body that does not decode) is refused with the
+status the OTLP specification gives, and recorded in ``refused``.
 """
 
 from __future__ import annotations
 
+import gzip
 import threading
+import zlib
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
@@ -135,11 +146,14 @@ class OtlpReceiver:
     """What a real OTLP/gRPC endpoint received."""
 
     endpoint: str
+    protocol: str = "grpc"
     metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = field(
         default_factory=list
     )
     trace_requests: list[trace_service_pb2.ExportTraceServiceRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Requests the HTTP receiver refused: (path, content type, status).
+    refused: list[tuple[str, str, int]] = field(default_factory=list)
 
     def metrics(self) -> list[Any]:
         """Every ``opentelemetry.proto.metrics.v1.Metric`` received, in arrival order."""
@@ -206,3 +220,93 @@ def otlp_receiver() -> Iterator[OtlpReceiver]:
         yield receiver
     finally:
         server.stop(grace=None).wait(5)
+
+
+# ------------------------------------------------------------ OTLP/HTTP receiver
+
+#: OTLP/HTTP paths -> (request message, response message, where the receiver keeps it).
+_HTTP_SIGNALS: dict[str, tuple[Any, Any, str]] = {
+    "/v1/metrics": (
+        metrics_service_pb2.ExportMetricsServiceRequest,
+        metrics_service_pb2.ExportMetricsServiceResponse,
+        "metric_requests",
+    ),
+    "/v1/traces": (
+        trace_service_pb2.ExportTraceServiceRequest,
+        trace_service_pb2.ExportTraceServiceResponse,
+        "trace_requests",
+    ),
+}
+
+_PROTOBUF = "application/x-protobuf"
+
+
+class _OtlpHttpHandler(BaseHTTPRequestHandler):
+    """``POST /v1/metrics`` and ``/v1/traces`` in binary protobuf, as the OTLP spec has it."""
+
+    server: _OtlpHttpServer
+
+    def do_POST(self) -> None:  # the http.server method name
+        receiver = self.server.receiver
+        path = self.path.split("?", 1)[0]
+        content_type = self.headers.get("Content-Type", "")
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        signal = _HTTP_SIGNALS.get(path)
+        if signal is None:
+            self._refuse(path, content_type, 404)
+            return
+        if content_type.split(";", 1)[0].strip() != _PROTOBUF:
+            self._refuse(path, content_type, 415)
+            return
+        request_type, response_type, kept_in = signal
+        try:
+            encoding = self.headers.get("Content-Encoding", "").strip().lower()
+            if encoding == "gzip":
+                body = gzip.decompress(body)
+            elif encoding == "deflate":
+                body = zlib.decompress(body)
+            request = request_type.FromString(body)
+        except Exception:
+            self._refuse(path, content_type, 400)
+            return
+        with receiver.lock:
+            getattr(receiver, kept_in).append(request)
+        self._reply(200, response_type().SerializeToString())
+
+    def _refuse(self, path: str, content_type: str, status: int) -> None:
+        with self.server.receiver.lock:
+            self.server.receiver.refused.append((path, content_type, status))
+        self._reply(status, b"")
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", _PROTOBUF)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: the test asserts on what was received, not on an access log."""
+
+
+class _OtlpHttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        super().__init__(("127.0.0.1", 0), _OtlpHttpHandler)
+        self.receiver = receiver
+
+
+@pytest.fixture
+def otlp_http_receiver() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver(endpoint="", protocol="http/protobuf")
+    server = _OtlpHttpServer(receiver)
+    receiver.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, name="otlp-http", daemon=True)
+    thread.start()
+    try:
+        yield receiver
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -35,6 +35,8 @@ __all__ = [
     "parse_config_spec",
     "pool_settings",
     "positive",
+    "range_text",
+    "within",
 ]
 
 #: Where the flags of the pool settings keep their values in the namespace.
@@ -118,18 +120,41 @@ def non_negative(kind: type[int] | type[float]) -> Callable[[str], Any]:
     return _number(kind, lambda value: value >= 0, ">= 0")
 
 
-def _number(
-    kind: type[int] | type[float], ok: Callable[[float], bool], bound: str
+def within(
+    kind: type[int] | type[float], low: float, high: float, *, low_excluded: bool = False
 ) -> Callable[[str], Any]:
-    noun = "an integer" if kind is int else "a number"
+    """An argparse ``type=``: a number of ``kind`` from ``low`` to ``high``."""
+
+    def ok(value: float) -> bool:
+        return (value > low if low_excluded else value >= low) and value <= high
+
+    return _number(kind, ok, range_text(kind, low, high, low_excluded=low_excluded), noun=False)
+
+
+def range_text(
+    kind: type[int] | type[float], low: float, high: float, *, low_excluded: bool = False
+) -> str:
+    """``an integer from 1 to 100000``, ``a number > 0 and <= 10000000``."""
+    if kind is int:
+        return f"an integer from {low:.15g} to {high:.15g}"
+    if low_excluded:
+        return f"a number > {low:.15g} and <= {high:.15g}"
+    return f"a number from {low:.15g} to {high:.15g}"
+
+
+def _number(
+    kind: type[int] | type[float], ok: Callable[[float], bool], bound: str, *, noun: bool = True
+) -> Callable[[str], Any]:
+    name = "an integer" if kind is int else "a number"
+    expected = f"{name} {bound}" if noun else bound
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
         if not (math.isfinite(value) and ok(value)):
-            raise argparse.ArgumentTypeError(f"expected {noun} {bound}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__

@@ -11,7 +11,29 @@ import math
 from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["Advice", "Target", "advise"]
+from ..config import MAX_OVERFLOW_MAX, MAX_WAITING_MAX, POOL_SIZE_MAX
+from ..errors import ConfigurationError
+from ._args import range_text
+
+__all__ = ["LIMITS", "Advice", "Target", "advise"]
+
+#: The range of each ``Target`` number, as (low, high, low excluded). The
+#: command's flags take the same ranges, so a value the arithmetic cannot use
+#: is a usage error naming the flag, never an ``OverflowError`` or advice
+#: ``PoolConfig`` would refuse.
+LIMITS: Final[dict[str, tuple[float, float, bool]]] = {
+    "peak_rps": (0.0, 10_000_000.0, True),  # fleet-wide requests per second
+    "peak_concurrent": (0.0, 10_000_000.0, True),
+    "hold": (0.00001, 3600.0, False),  # 10 us (a round trip) to an hour
+    "processes": (1, 100_000, False),
+    "request_timeout": (0.001, 86_400.0, False),  # 1 ms to a day
+    "reserve": (0, 262_143, False),  # PostgreSQL's most backends, 2^18 - 1
+    "spindles": (0, 100_000, False),
+    "cores": (1, 100_000, False),
+    "max_connections": (1, 262_143, False),
+    "reserved_slots": (0, 262_143, False),
+    "in_use": (0, 262_143, False),
+}
 
 #: Standard deviations of headroom above the mean number of busy connections.
 #: With Poisson arrivals the number busy at a moment is Poisson-distributed
@@ -97,6 +119,8 @@ def advise(target: Target) -> Advice:
         f"max_overflow = ceil({burst:.1f}) - {advice.pool_size} = {advice.max_overflow} "
         "(opened for bursts, closed after)"
     )
+    advice.pool_size = _clamp(advice, "pool_size", advice.pool_size, POOL_SIZE_MAX)
+    advice.max_overflow = _clamp(advice, "max_overflow", advice.max_overflow, MAX_OVERFLOW_MAX)
 
     if target.cores is not None:
         advice.hikari_connections = target.cores * 2 + target.spindles
@@ -134,6 +158,7 @@ def advise(target: Target) -> Advice:
         f"{advice.pool_timeout:g} s = {advice.max_waiting} (a longer queue cannot be served "
         "within pool_timeout: refuse at once instead of failing late)"
     )
+    advice.max_waiting = _clamp(advice, "max_waiting", advice.max_waiting, MAX_WAITING_MAX)
 
     _fleet(target, advice)
     return advice
@@ -174,7 +199,9 @@ def _fleet(target: Target, advice: Advice) -> None:
         advice.max_overflow = cap - advice.pool_size
         advice.fleet_max = procs * cap
         throughput = advice.max_size / target.hold
-        advice.max_waiting = max(math.floor(throughput * advice.pool_timeout), 1)
+        advice.max_waiting = min(
+            max(math.floor(throughput * advice.pool_timeout), 1), MAX_WAITING_MAX
+        )
         step(
             f"capped: pool_size = {advice.pool_size}, max_overflow = {advice.max_overflow}, "
             f"max_waiting = {advice.max_waiting}; fleet {advice.fleet_max} <= {budget}"
@@ -195,12 +222,47 @@ def _fleet(target: Target, advice: Advice) -> None:
         )
 
 
+def _clamp(advice: Advice, setting: str, value: int, high: int) -> int:
+    """``value``, or ``PoolConfig``'s limit for ``setting`` with a note when past it."""
+    if value <= high:
+        return value
+    advice.steps.append(f"{setting} = {value} is past PoolConfig's limit: clamped to {high}")
+    advice.warnings.append(
+        f"the arithmetic asks for {setting} = {value}, more than PoolConfig allows ({high}): "
+        f"clamped to {high}; spread the load over more processes, shorten the hold time "
+        "or put a pooler (PgBouncer) in front"
+    )
+    return high
+
+
 def _check(target: Target) -> None:
     if (target.peak_rps is None) == (target.peak_concurrent is None):
-        raise ValueError("give exactly one of peak_rps and peak_concurrent")
-    if target.hold <= 0 or target.processes < 1 or target.request_timeout <= 0:
-        raise ValueError("hold and request_timeout must be > 0 and processes >= 1")
+        raise ConfigurationError(
+            "peak_rps", target.peak_rps, "a number when peak_concurrent is None, else None"
+        )
+    for name, (low, high, low_excluded) in LIMITS.items():
+        value = getattr(target, name)
+        if value is None and name not in ("hold", "processes", "request_timeout"):
+            continue
+        kind = int if isinstance(low, int) else float
+        ok = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and (kind is float or isinstance(value, int))
+            and math.isfinite(value)
+            and (value > low if low_excluded else value >= low)
+            and value <= high
+        )
+        if not ok:
+            raise ConfigurationError(
+                name, value, range_text(kind, low, high, low_excluded=low_excluded)
+            )
 
 
 def _round_seconds(value: float) -> float:
-    return round(value, 1) if value < 10 else float(round(value))
+    """Seconds rounded for people to read, never to 0 (``PoolConfig`` wants > 0)."""
+    if value >= 10:
+        return float(round(value))
+    if value >= 0.1:
+        return round(value, 1)
+    return float(f"{value:.2g}")

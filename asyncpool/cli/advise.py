@@ -11,16 +11,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 from typing import Any
 
 from ..errors import ConfigurationError
-from ._args import UsageError, non_negative, positive
+from ._args import UsageError, within
 from ._database import Database, describe_failure
 from ._report import Output, fmt_seconds
 from ._server import ServerFacts, fetch_server_facts
-from ._sizing import Advice, Target, advise
+from ._sizing import LIMITS, Advice, Target, advise
+from .simulate import MAX_REQUESTS
 
 __all__ = ["add_parser", "run"]
+
+#: The suggested ``simulate`` run keeps its spike to this many requests (the
+#: rest of ``simulate``'s bound is left to the steady phases around it).
+_SPIKE_REQUESTS = MAX_REQUESTS // 2
+
+#: The spike ``simulate`` runs by default, in seconds.
+_SPIKE_SECONDS = 6.0
+
+
+def _flag(name: str) -> Any:
+    """The argparse ``type=`` of a ``Target`` number: its range from ``LIMITS``."""
+    low, high, low_excluded = LIMITS[name]
+    kind = int if isinstance(low, int) else float
+    return within(kind, low, high, low_excluded=low_excluded)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -47,33 +63,33 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     peak = load.add_mutually_exclusive_group(required=True)
     peak.add_argument(
         "--peak-rps",
-        type=positive(float),
+        type=_flag("peak_rps"),
         metavar="RATE",
         help="requests per second at peak, whole fleet",
     )
     peak.add_argument(
         "--peak-concurrent",
-        type=positive(float),
+        type=_flag("peak_concurrent"),
         metavar="N",
         help="requests holding a connection at once at peak, whole fleet",
     )
     load.add_argument(
         "--hold",
-        type=positive(float),
+        type=_flag("hold"),
         required=True,
         metavar="SECONDS",
         help="average seconds a request keeps its connection (query plus work in between)",
     )
     load.add_argument(
         "--processes",
-        type=positive(int),
+        type=_flag("processes"),
         default=1,
         metavar="N",
         help="app processes sharing the database: workers x pods x engines (default 1)",
     )
     load.add_argument(
         "--request-timeout",
-        type=positive(float),
+        type=_flag("request_timeout"),
         default=10.0,
         metavar="SECONDS",
         help="the caller's deadline: load balancer or client timeout (default 10)",
@@ -84,27 +100,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     server.add_argument(
         "--max-connections",
-        type=positive(int),
+        type=_flag("max_connections"),
         metavar="N",
         help="the server's max_connections, when not read with --url",
     )
     server.add_argument(
         "--server-cores",
-        type=positive(int),
+        type=_flag("cores"),
         metavar="N",
         help="the server's CPU cores (read from the server when allowed, or this machine "
         "when the server is local)",
     )
     server.add_argument(
         "--spindles",
-        type=non_negative(int),
+        type=_flag("spindles"),
         default=1,
         metavar="N",
         help="HikariCP's effective spindle count: disks serving at once (default 1)",
     )
     server.add_argument(
         "--reserve",
-        type=non_negative(int),
+        type=_flag("reserve"),
         default=5,
         metavar="N",
         help="connections to leave free for admin, migrations and cron (default 5)",
@@ -200,13 +216,31 @@ def _print(
     for warning in advice.warnings:
         out.say(f"warning: {warning}")
     out.say()
-    env = " ".join(f"ASYNCPOOL_{k.upper()}={v:g}" for k, v in advice.settings().items())
+    env = " ".join(f"ASYNCPOOL_{k.upper()}={_number(v)}" for k, v in advice.settings().items())
     out.say(f"as environment: {env}")
-    share = (target.peak_rps or (target.peak_concurrent or 0) / target.hold) / target.processes
-    out.say(
-        "try it:         asyncpool simulate "
-        f"--spike-rate {share:.4g} --hold {target.hold:g} --pool-size {advice.pool_size} "
-        f"--max-overflow {advice.max_overflow} --pool-timeout {advice.pool_timeout:g} "
+    out.say(f"try it:         asyncpool simulate {_simulation(target, advice)}")
+
+
+def _number(value: float) -> str:
+    """A setting as ``PoolConfig.from_env`` and the flags parse it: integers never as 1e+06."""
+    if isinstance(value, int):
+        return str(value)
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def _simulation(target: Target, advice: Advice) -> str:
+    """``simulate`` flags for one process's share of the peak, within its bound on requests."""
+    rate = (target.peak_rps or (target.peak_concurrent or 0) / target.hold) / target.processes
+    rate = float(f"{rate:.4g}")
+    flags = f"--spike-rate {rate:g}"
+    if rate * _SPIKE_SECONDS > _SPIKE_REQUESTS:
+        # A shorter spike, rounded down to the millisecond, so the run stays within bounds.
+        spike = math.floor(_SPIKE_REQUESTS / rate * 1000) / 1000
+        flags += f" --spike {spike:g}"
+    return (
+        f"{flags} --hold {target.hold:g} --pool-size {advice.pool_size} "
+        f"--max-overflow {advice.max_overflow} --pool-timeout {_number(advice.pool_timeout)} "
         f"--max-waiting {advice.max_waiting}"
     )
 

@@ -11,7 +11,13 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from asyncpool import DatabaseUnavailableError, PoolClosedError, pool_lifespan, statistics
+from asyncpool import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    PoolClosedError,
+    pool_lifespan,
+    statistics,
+)
 from asyncpool.embedded import free_port
 from asyncpool.engine import pool_of
 from tests.fix_db import EngineFactory, TestDatabase, wait_for_async, wait_until
@@ -308,6 +314,6 @@ async def test_nested_lifespan_keeps_the_outer_one_open(
 
 
 async def test_something_that_is_neither_engine_nor_group_is_refused() -> None:
-    with pytest.raises(TypeError, match="'engines' attribute"):
+    with pytest.raises(ConfigurationError, match="engines must be an AsyncEngine or an object"):
         async with pool_lifespan(object()):
             pytest.fail("the body must not run")

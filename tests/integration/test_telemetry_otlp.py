@@ -1,4 +1,5 @@
-"""OTLP export: the official exporter, pointed at a real OTLP/gRPC receiver on loopback."""
+"""OTLP export: the official exporters, pointed at real OTLP receivers on loopback, over
+both transports: gRPC and HTTP with binary protobuf (``http/protobuf``)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.exporter.otlp.proto.grpc import metric_exporter as grpc_metrics
+from opentelemetry.exporter.otlp.proto.grpc import trace_exporter as grpc_traces
+from opentelemetry.exporter.otlp.proto.http import metric_exporter as http_metrics
+from opentelemetry.exporter.otlp.proto.http import trace_exporter as http_traces
 from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 from sqlalchemy import text
 
 import asyncpool
@@ -43,6 +46,28 @@ _CONVENTION: dict[str, tuple[str, str, bool | None]] = {
 }
 
 
+@pytest.fixture(params=["grpc", "http/protobuf"])
+def receiver(request: pytest.FixtureRequest) -> OtlpReceiver:
+    """A real OTLP receiver for each protocol the exporters speak."""
+    fixture = {"grpc": "otlp_receiver", "http/protobuf": "otlp_http_receiver"}[request.param]
+    found: OtlpReceiver = request.getfixturevalue(fixture)
+    return found
+
+
+def exporters(receiver: OtlpReceiver) -> tuple[MetricExporter, SpanExporter]:
+    """The official exporters for the receiver's protocol, pointed at it."""
+    if receiver.protocol == "grpc":
+        return (
+            grpc_metrics.OTLPMetricExporter(endpoint=receiver.endpoint, insecure=True),
+            grpc_traces.OTLPSpanExporter(endpoint=receiver.endpoint, insecure=True),
+        )
+    # Over HTTP an endpoint given in code is the full URL of the signal.
+    return (
+        http_metrics.OTLPMetricExporter(endpoint=f"{receiver.endpoint}/v1/metrics"),
+        http_traces.OTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces"),
+    )
+
+
 def latest(receiver: OtlpReceiver) -> dict[str, Any]:
     """The last received version of each metric, by name."""
     return {metric.name: metric for metric in receiver.metrics()}
@@ -65,20 +90,19 @@ def point_values(metric: Any, pool: str) -> dict[tuple[tuple[str, Any], ...], An
 
 
 async def test_the_otlp_exporter_delivers_every_pool_metric_and_a_checkout_span(
-    make_engine: EngineFactory, otlp_receiver: OtlpReceiver, app_name: str
+    make_engine: EngineFactory, receiver: OtlpReceiver, app_name: str
 ) -> None:
+    metric_exporter, span_exporter = exporters(receiver)
     meter_provider = MeterProvider(
         metric_readers=[
             PeriodicExportingMetricReader(
-                OTLPMetricExporter(endpoint=otlp_receiver.endpoint, insecure=True),
+                metric_exporter,
                 export_interval_millis=3_600_000,  # exports on flush only
             )
         ]
     )
     tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(
-        SimpleSpanProcessor(OTLPSpanExporter(endpoint=otlp_receiver.endpoint, insecure=True))
-    )
+    tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
     try:
         engine = make_engine(pool_size=1, max_overflow=0, pool_timeout=0.3)
         instrument(engine, meter_provider, tracer_provider, slow_threshold=0.0)
@@ -101,7 +125,8 @@ async def test_the_otlp_exporter_delivers_every_pool_metric_and_a_checkout_span(
         meter_provider.shutdown()
         tracer_provider.shutdown()
 
-    metrics = latest(otlp_receiver)
+    assert receiver.refused == []
+    metrics = latest(receiver)
     for name, (unit, kind, monotonic) in _CONVENTION.items():
         metric = metrics[name]
         assert (metric.unit, metric.WhichOneof("data")) == (unit, kind), name
@@ -124,7 +149,7 @@ async def test_the_otlp_exporter_delivers_every_pool_metric_and_a_checkout_span(
     assert value(sc.DB_CLIENT_CONNECTION_USE_TIME).count == 3
     assert value(sc.DB_CLIENT_CONNECTION_WAIT_TIME).max > 0
 
-    spans = [s for s in otlp_receiver.spans() if s.name == sc.CHECKOUT_SPAN_NAME]
+    spans = [s for s in receiver.spans() if s.name == sc.CHECKOUT_SPAN_NAME]
     assert len(spans) == 2
     waited, timed_out = sorted(spans, key=lambda s: s.status.code)
     assert waited.status.code == trace_pb2.Status.STATUS_CODE_UNSET
@@ -138,15 +163,15 @@ async def test_the_otlp_exporter_delivers_every_pool_metric_and_a_checkout_span(
 
 
 async def test_the_example_exports_over_otlp_configured_by_the_standard_variables(
-    database: TestDatabase, otlp_receiver: OtlpReceiver
+    database: TestDatabase, receiver: OtlpReceiver
 ) -> None:
     env = {
         **os.environ,
         "PYTHONPATH": str(_ROOT),
         "DATABASE_URL": database.url,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,  # over HTTP: + /v1/metrics, /v1/traces
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": receiver.protocol,
         "OTEL_SERVICE_NAME": "asyncpool-example-test",
     }
     proc = await asyncio.create_subprocess_exec(
@@ -159,18 +184,17 @@ async def test_the_example_exports_over_otlp_configured_by_the_standard_variable
     _out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
 
-    (resource, *_) = [
-        rm.resource for r in otlp_receiver.metric_requests for rm in r.resource_metrics
-    ]
+    assert receiver.refused == []
+    (resource, *_) = [rm.resource for r in receiver.metric_requests for rm in r.resource_metrics]
     assert attributes_of(resource)["service.name"] == "asyncpool-example-test"
-    metrics = latest(otlp_receiver)
+    metrics = latest(receiver)
     assert set(_CONVENTION) <= set(metrics)
     wait_time = point_values(metrics[sc.DB_CLIENT_CONNECTION_WAIT_TIME], "example")[()]
     assert wait_time.count == 12  # TASKS in the example
     assert point_values(metrics[sc.DB_CLIENT_CONNECTION_MAX], "example")[()] == 2
     assert point_values(metrics[sc.DB_CLIENT_CONNECTION_TIMEOUTS], "example-tight")[()] == 1
 
-    spans = otlp_receiver.spans()
+    spans = receiver.spans()
     by_name: dict[str, list[Any]] = {}
     for span in spans:
         by_name.setdefault(span.name, []).append(span)
@@ -189,3 +213,31 @@ async def test_the_example_exports_over_otlp_configured_by_the_standard_variable
         if kv.key == sc.DB_CLIENT_CONNECTION_POOL_NAME
     }
     assert pools == {"example", "example-tight"}
+
+
+def test_the_http_receiver_takes_only_otlp_protobuf_on_the_signal_paths(
+    otlp_http_receiver: OtlpReceiver,
+) -> None:
+    """So a test passing over http/protobuf means the exporter spoke it, not something close."""
+    import urllib.error
+    import urllib.request
+
+    def post(path: str, content_type: str, body: bytes) -> int:
+        request = urllib.request.Request(
+            otlp_http_receiver.endpoint + path,
+            data=body,
+            headers={"Content-Type": content_type},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert post("/v1/metrics", "application/json", b"{}") == 415
+    assert post("/v1/logs", "application/x-protobuf", b"") == 404
+    assert post("/v1/traces", "application/x-protobuf", b"\xff\xff") == 400
+    assert post("/v1/metrics", "application/x-protobuf", b"") == 200  # an empty request
+    assert [status for *_, status in otlp_http_receiver.refused] == [415, 404, 400]
+    assert len(otlp_http_receiver.metric_requests) == 1

@@ -159,7 +159,7 @@ def test_bad_settings_are_configuration_errors(settings: dict[str, object]) -> N
 
 
 def test_only_callables_can_be_decorated() -> None:
-    with pytest.raises(TypeError, match="coroutine functions"):
+    with pytest.raises(ConfigurationError, match="func must be a coroutine function"):
         asyncpool.retry(42)  # type: ignore[call-overload]
 
 
