@@ -30,6 +30,7 @@ from sqlalchemy import event
 
 from ._classify import classify, is_disconnect
 from ._readonly import server_is_read_only
+from .errors import PoolClosedError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import ExceptionContext
@@ -55,6 +56,9 @@ def install_error_handling(engine: AsyncEngine) -> None:
 
 def _on_error(context: ExceptionContext) -> None:
     error = context.original_exception
+    ended = _ended_by_shutdown(context)
+    if ended is not None:
+        raise PoolClosedError(ended) from error
     if not isinstance(error, Exception):
         return  # a cancellation: SQLAlchemy already invalidates this connection alone
     label = classify(error)
@@ -103,6 +107,20 @@ def _on_read_only(context: ExceptionContext, error: Exception) -> None:
         pool.name,
         dropped,
     )
+
+
+def _ended_by_shutdown(context: ExceptionContext) -> str | None:
+    """Why a drain ended this connection under its holder, if it did."""
+    from ._pool._state import ended_by_shutdown
+
+    if not ended_by_shutdown:
+        return None
+    fairy = getattr(context.connection, "_dbapi_connection", None)
+    driver = getattr(getattr(fairy, "dbapi_connection", None), "driver_connection", None)
+    try:
+        return ended_by_shutdown.get(driver) if driver is not None else None
+    except TypeError:
+        return None
 
 
 def _pool_of(context: ExceptionContext) -> FairAsyncPool | None:

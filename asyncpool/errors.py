@@ -84,7 +84,8 @@ class WrongEventLoopError(AsyncPoolError, RuntimeError):
 
 
 class PoolClosedError(AsyncPoolError, sqlalchemy.exc.InvalidRequestError):
-    """A checkout was attempted on a pool that is shutting down or closed."""
+    """A checkout was attempted on a pool that is shutting down or closed; or a
+    shutdown ended a connection its holder still used (the message says so)."""
 
 
 class DatabaseUnavailableError(AsyncPoolError, ConnectionError):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import time
@@ -48,6 +49,7 @@ from ._state import (
     PoolState,
     PrePingFailed,
     ReturnedUnclean,
+    ended_by_shutdown,
     invalidation_reason,
     next_pool_name,
 )
@@ -716,8 +718,16 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         frees the slot.
         """
         terminated = 0
-        for rec in [*self._lent, *(self._idle if idle else ())]:
-            if rec.dbapi_connection is not None:
+        lent = self._lent
+        for rec in [*lent, *(self._idle if idle else ())]:
+            dbapi_connection = rec.dbapi_connection
+            if dbapi_connection is not None:
+                if rec in lent:
+                    with contextlib.suppress(TypeError):  # not weakly referenceable
+                        ended_by_shutdown[dbapi_connection.driver_connection] = (
+                            f"pool {self.name!r} was shut down while this connection was "
+                            f"still checked out; it was ended ({reason})"
+                        )
                 rec.invalidate(reason)
                 terminated += 1
         return terminated

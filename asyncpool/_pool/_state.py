@@ -11,6 +11,7 @@ import asyncio
 import collections
 import itertools
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -30,6 +31,10 @@ __all__ = [
 ]
 
 _names: Iterator[int] = itertools.count(1)
+
+#: Driver connections a shutdown ended while still checked out, and why: the
+#: holder's next error (its exit's rollback included) says so, not "closed".
+ended_by_shutdown: Final[weakref.WeakKeyDictionary[Any, str]] = weakref.WeakKeyDictionary()
 
 
 def next_pool_name() -> str:

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from asyncpool import (
@@ -183,8 +182,38 @@ async def test_stragglers_are_terminated_after_drain_timeout(
         lambda: _none_left(database, app_name), what="the straggler's backend to end", within=5
     )
     release.set()
-    with pytest.raises(DBAPIError):
+    with pytest.raises(PoolClosedError, match="shut down"):
         await task
+    assert statistics(engine).checked_out == 0
+
+
+async def test_a_drained_stragglers_holder_gets_a_clear_error_naming_the_drain(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    engine = make_engine(pool_size=1)
+    holding = asyncio.Event()
+    release = asyncio.Event()
+    errors: list[BaseException] = []
+
+    async def stuck_request() -> None:
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))  # inside a transaction now
+                holding.set()
+                await release.wait()
+        except BaseException as exc:  # what the holder sees on its way out
+            errors.append(exc)
+
+    async with pool_lifespan(engine, drain_timeout=0.2):
+        task = asyncio.create_task(stuck_request())
+        await holding.wait()
+    release.set()
+    await task
+    assert len(errors) == 1, errors
+    (error,) = errors
+    assert isinstance(error, PoolClosedError)
+    assert app_name in str(error) and "shut down" in str(error)
+    assert "drain_timeout" in str(error)
     assert statistics(engine).checked_out == 0
 
 
@@ -207,7 +236,7 @@ async def test_a_straggler_mid_statement_is_stopped_on_the_server_before_the_lif
     # The drain cancelled the statement on the server, and waited for it.
     assert time.monotonic() - started < 2.0
     assert not await _sleeping(database, app_name)
-    with pytest.raises(DBAPIError):
+    with pytest.raises(PoolClosedError, match="shut down"):
         await task
     assert statistics(engine).checked_out == 0
 
@@ -253,7 +282,7 @@ async def test_a_cancelled_drain_logs_how_long_it_waited_not_drain_timeout(
         lambda: _none_left(database, app_name), what="the straggler's backend to end", within=5
     )
     release.set()
-    with pytest.raises(DBAPIError):
+    with pytest.raises(PoolClosedError, match="shut down"):
         await request
     assert statistics(engine).checked_out == 0
 
