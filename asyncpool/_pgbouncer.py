@@ -54,8 +54,28 @@ def unnamed_statement() -> str:
     return ""
 
 
+#: The first asyncpg that streams a server-side cursor of a type needing
+#: introspection (an enum) with its statement cache off (asyncpg#1335).
+ASYNCPG_FOR_PGBOUNCER: Final = (0, 32)
+
+
+def asyncpg_version() -> tuple[int, int]:
+    from importlib.metadata import version
+
+    major, minor, *_ = [*version("asyncpg").split("."), "0"]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def pgbouncer_connect_args(connect_args: Mapping[str, Any], url: URL, name: str) -> dict[str, Any]:
     """``connect_args`` with the PgBouncer settings added; refuses ones that break them."""
+    if asyncpg_version() < ASYNCPG_FOR_PGBOUNCER:
+        raise ConfigurationError(
+            "pooler",
+            "pgbouncer",
+            f"None with asyncpg < 0.32 (pool {name!r}): with the statement cache off, "
+            "asyncpg 0.31 and older fail to stream a server-side cursor of an enum "
+            "(asyncpg#1335); upgrade asyncpg to 0.32 or later",
+        )
     given = dict(connect_args)
     for key in _MUST_BE_ZERO:
         for source, value in (

@@ -82,3 +82,14 @@ async def _connect_kwargs(engine: AsyncEngine) -> dict[str, Any]:
 
 class _Captured(Exception):
     """Raised by the do_connect listener so that no connection is attempted."""
+
+
+def test_pooler_pgbouncer_is_refused_on_an_asyncpg_older_than_0_32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asyncpool import _pgbouncer
+
+    monkeypatch.setattr(_pgbouncer, "asyncpg_version", lambda: (0, 31))
+    with pytest.raises(ConfigurationError, match=r"asyncpg < 0\.32.*asyncpg#1335") as raised:
+        create_pooled_engine("postgresql+asyncpg://app@127.0.0.1:6432/app", pooler="pgbouncer")
+    assert raised.value.setting == "pooler"
