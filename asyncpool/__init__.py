@@ -9,6 +9,7 @@ from .config import PoolConfig as PoolConfig
 from .engine import create_pooled_engine as create_pooled_engine
 from .errors import AsyncPoolError as AsyncPoolError
 from .errors import BudgetExceededError as BudgetExceededError
+from .errors import ConcurrentUseError as ConcurrentUseError
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DatabaseUnavailableError as DatabaseUnavailableError
 from .errors import PoolClosedError as PoolClosedError
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncPoolError",
     "BudgetExceededError",
+    "ConcurrentUseError",
     "ConfigurationError",
     "ConnectionBudget",
     "DatabaseUnavailableError",

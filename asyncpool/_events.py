@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Final
 from sqlalchemy import event
 
 from ._classify import classify, is_disconnect
+from ._concurrent import raise_for_refusal
 from ._readonly import server_is_read_only
 from .errors import PoolClosedError
 
@@ -61,6 +62,9 @@ def _on_error(context: ExceptionContext) -> None:
         raise PoolClosedError(ended) from error
     if not isinstance(error, Exception):
         return  # a cancellation: SQLAlchemy already invalidates this connection alone
+    pool = _pool_of(context)
+    if pool is not None and pool.driver.refused_as_busy(error):
+        raise_for_refusal(context, pool)
     label = classify(error)
     if label in _UNKNOWN_STATE:
         context.is_disconnect = True
@@ -72,7 +76,6 @@ def _on_error(context: ExceptionContext) -> None:
     if not (context.is_disconnect or is_disconnect(error)):
         return
     context.is_disconnect = True
-    pool = _pool_of(context)
     # SQLAlchemy's default reconnects every pooled connection after any
     # disconnect. With the pre-ping on, one dead backend (a killed pid) does
     # not condemn the others: the ping finds any other dead one unseen.

@@ -17,6 +17,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ._concurrent import detect_concurrent_use, guard_sessions
 from ._events import install_error_handling
 from ._pgbouncer import pgbouncer_connect_args
 from ._pool import FairAsyncPool, PoolState, next_pool_name
@@ -106,6 +107,8 @@ def create_pooled_engine(
         **options,
     )
     install_error_handling(engine)
+    if detect_concurrent_use(config):
+        guard_sessions()
     for hook in _engine_hooks:
         if telemetry or not getattr(hook, "is_telemetry", False):
             hook(engine)

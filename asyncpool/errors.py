@@ -12,6 +12,7 @@ import sqlalchemy.exc
 __all__ = [
     "AsyncPoolError",
     "BudgetExceededError",
+    "ConcurrentUseError",
     "ConfigurationError",
     "DatabaseUnavailableError",
     "PoolClosedError",
@@ -86,6 +87,23 @@ class WrongEventLoopError(AsyncPoolError, RuntimeError):
 class PoolClosedError(AsyncPoolError, sqlalchemy.exc.InvalidRequestError):
     """A checkout was attempted on a pool that is shutting down or closed; or a
     shutdown ended a connection its holder still used (the message says so)."""
+
+
+class ConcurrentUseError(AsyncPoolError, sqlalchemy.exc.InvalidRequestError):
+    """One session or connection was used by a second task while another
+    task's operation on it was still in flight (``asyncio.gather`` over one
+    ``AsyncSession``, say).
+
+    Raised in the second task, after the first task's operation has finished,
+    so that the first task keeps a usable connection. The message names both
+    tasks and where the connection's holder is. The fix is one session per
+    task; ``task`` and ``other_task`` hold the two names.
+    """
+
+    def __init__(self, message: str, *, task: str, other_task: str | None) -> None:
+        self.task = task
+        self.other_task = other_task
+        super().__init__(message)
 
 
 class DatabaseUnavailableError(AsyncPoolError, ConnectionError):

@@ -77,6 +77,18 @@ class Driver(Protocol):
     async def set_session(self, conn: Any, settings: dict[str, str]) -> None:
         """``SET`` session settings (one round trip)."""
 
+    def refused_as_busy(self, error: BaseException) -> bool:
+        """The driver refused an operation because another one is in flight on
+        the same connection (two tasks using it at once)."""
+
+    async def wait_not_busy(self, conn: Any, seconds: float) -> None:
+        """Wait, at most ``seconds``, until no statement is running."""
+
+    def keep_transaction(self, adapted: Any) -> None:
+        """After a refused commit or rollback (the server's transaction block
+        is still open), make SQLAlchemy's adapter track that block again, so
+        the task whose statement runs carries on as if nothing happened. No I/O."""
+
 
 def driver_for(dialect: Any) -> Driver:
     """The driver behind a SQLAlchemy dialect (asyncpg today)."""

@@ -159,6 +159,47 @@ class _Asyncpg:
             "; ".join(f"SET {name} = {_quote(value)}" for name, value in settings.items())
         )
 
+    def refused_as_busy(self, error: BaseException) -> bool:
+        # asyncpg checks this before any I/O: the running statement is untouched.
+        return "another operation is in progress" in str(error)
+
+    async def wait_not_busy(self, conn: Any, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self.state(conn) is ConnectionState.BUSY:
+            protocol = conn._protocol
+            waiter = next(
+                (f for f in gc.get_referents(protocol) if isinstance(f, asyncio.Future)), None
+            )
+            remaining = deadline - loop.time()
+            if waiter is None or remaining <= 0:
+                return
+            # The statement's owner registered its wake-up first: it runs
+            # before this one does, and may start its next step.
+            await asyncio.wait({waiter}, timeout=remaining)
+
+    def keep_transaction(self, adapted: Any) -> None:
+        # A refused COMMIT or ROLLBACK ended nothing on the server, but asyncpg
+        # marks its Transaction failed and SQLAlchemy's adapter drops it: the
+        # task whose statement runs would get "cannot use
+        # Connection.transaction() in a manually started transaction" next.
+        # Track the open block again, as asyncpg's own start() leaves it.
+        conn = adapted.driver_connection
+        if getattr(adapted, "_transaction", None) is not None or conn._top_xact is not None:
+            return
+        from asyncpg.transaction import TransactionState
+
+        transaction = conn.transaction(
+            isolation=getattr(adapted, "isolation_level", None),
+            readonly=getattr(adapted, "readonly", False),
+            deferrable=getattr(adapted, "deferrable", False),
+        )
+        transaction._state = TransactionState.STARTED
+        conn._top_xact = transaction
+        adapted._transaction = transaction
+        if hasattr(adapted, "_started"):  # SQLAlchemy 2.0
+            adapted._started = True
+
 
 def _quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"

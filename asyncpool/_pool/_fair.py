@@ -312,6 +312,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             rec = self._open_record(rec)
         self._counters.checkouts += 1
         self._lent.add(rec)
+        rec._ap_holder = asyncio.current_task()  # type: ignore[attr-defined]  # named by ConcurrentUseError
         observers = self._state.observers
         if observers:
             now = time.perf_counter()
@@ -507,6 +508,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         self._lent.discard(record)
+        record._ap_holder = None  # type: ignore[attr-defined]
         if self._checkout_started:
             started = self._checkout_started.pop(record, None)
             if started is not None:

@@ -32,6 +32,7 @@ CASES: dict[str, tuple[list[object], object]] = {
     "pooler": (["pgpool", "", "PgBouncer", 5], "pgbouncer"),
     "cleanup_timeout": ([0, -1, math.inf, None, "5"], 1.0),
     "client_connection_check_interval": ([0, 0.0001, 3_000_000, math.inf, -1], None),
+    "detect_concurrent_use": ([1, "true"], None),
 }
 
 

@@ -97,6 +97,7 @@ VALID: Final[dict[str, Any]] = {
     "client_connection_check_interval": lambda v: (
         v is None or (is_number(v) and math.isfinite(v) and 0.001 <= v <= 2_147_483)
     ),
+    "detect_concurrent_use": lambda v: v is None or boolean(v),
 }
 
 
