@@ -18,6 +18,8 @@ from .errors import PoolTimeoutError as PoolTimeoutError
 from .errors import WrongEventLoopError as WrongEventLoopError
 from .fork import register_engine as register_engine
 from .lifespan import pool_lifespan as pool_lifespan
+from .maintenance import check_idle as check_idle
+from .maintenance import resize as resize
 from .retry import retry as retry
 from .routing import EngineGroup as EngineGroup
 from .routing import RoutingStatistics as RoutingStatistics
@@ -43,11 +45,13 @@ __all__ = [
     "RoutingStatistics",
     "WrongEventLoopError",
     "__version__",
+    "check_idle",
     "connection_budget",
     "create_analytics_engine",
     "create_pooled_engine",
     "pool_lifespan",
     "register_engine",
+    "resize",
     "retry",
     "statistics",
     "telemetry",

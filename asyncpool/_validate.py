@@ -90,6 +90,18 @@ def check_seconds(
         raise ConfigurationError(setting, value, expected)
 
 
+def check_fraction(setting: str, value: object, *, high: float) -> None:
+    """A number from 0 to ``high``."""
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 <= value <= high
+    )
+    if not ok:
+        raise ConfigurationError(setting, value, f"a number from 0 to {high:g}")
+
+
 def check_bool(setting: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ConfigurationError(setting, value, "True or False")

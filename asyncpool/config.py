@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ._validate import check_bool, check_int, check_name, check_seconds
+from ._validate import check_bool, check_fraction, check_int, check_name, check_seconds
 from .errors import ConfigurationError
 
 __all__ = ["OTHER_VARIABLES", "PoolConfig"]
@@ -25,6 +25,9 @@ _CHECK_INTERVAL_MAX: Final = 2_147_483.0
 #: The most connections ``pool_size`` and ``max_overflow`` may each ask for.
 POOL_SIZE_MAX: Final = 10_000
 MAX_OVERFLOW_MAX: Final = 10_000
+
+#: The largest share of ``pool_recycle`` that ``recycle_jitter`` may take off.
+RECYCLE_JITTER_MAX: Final = 0.5
 
 #: The longest queue ``max_waiting`` may allow.
 MAX_WAITING_MAX: Final = 1_000_000
@@ -92,8 +95,22 @@ class PoolConfig:
     leak_threshold: float | None = None
     #: ``application_name`` reported to PostgreSQL; ``None`` uses the pool name.
     application_name: str | None = None
-    #: Connections opened when the pool is warmed at start-up; ``None`` = ``pool_size``.
+    #: Connections kept open by the pool's maintenance task (opened at start,
+    #: refilled after an outage, with backoff); ``None`` opens on demand and
+    #: warms ``pool_size`` at start-up (``pool_lifespan``).
     min_idle: int | None = None
+    #: Seconds a connection above the floor (``min_idle``, else ``pool_size``)
+    #: may stay unused before it is closed; overflow connections linger this
+    #: long instead of closing when returned. ``None``: overflow connections
+    #: close at once, as SQLAlchemy's pool does.
+    idle_timeout: float | None = 10.0
+    #: Each connection's lifetime is ``pool_recycle`` minus up to this share
+    #: of it (0 to 0.5), spread so that connections opened together are not
+    #: replaced together.
+    recycle_jitter: float = 0.25
+    #: Seconds after which an unused idle connection is pinged in the
+    #: background and replaced if dead; ``None`` off.
+    keepalive_interval: float | None = 120.0
     #: What sits between the pool and PostgreSQL: ``None`` (nothing) or
     #: ``"pgbouncer"`` (transaction pooling: prepared statements made safe).
     pooler: str | None = None
@@ -130,6 +147,11 @@ class PoolConfig:
         check_name("application_name", self.application_name, optional=True)
         if self.min_idle is not None:
             check_int("min_idle", self.min_idle, low=0, high=self.pool_size, high_name="pool_size")
+        check_seconds("idle_timeout", self.idle_timeout, allow_zero=False, optional=True)
+        check_fraction("recycle_jitter", self.recycle_jitter, high=RECYCLE_JITTER_MAX)
+        check_seconds(
+            "keepalive_interval", self.keepalive_interval, allow_zero=False, optional=True
+        )
         check_seconds("cleanup_timeout", self.cleanup_timeout, allow_zero=False)
         check_seconds(
             "client_connection_check_interval",
@@ -153,6 +175,14 @@ class PoolConfig:
     def effective_min_idle(self) -> int:
         """Connections to open when warming: ``min_idle``, else ``pool_size``."""
         return self.pool_size if self.min_idle is None else self.min_idle
+
+    @property
+    def idle_capacity(self) -> int | None:
+        """The most idle connections kept: ``pool_size`` without ``idle_timeout``
+        (overflow ones close when returned), else every slot (``None``: no limit)."""
+        if self.idle_timeout is None:
+            return self.pool_size
+        return None if self.max_overflow < 0 else self.max_size
 
     def replace(self, **changes: Any) -> PoolConfig:
         """A copy with some settings changed, validated like the original."""
@@ -221,6 +251,9 @@ _FIELD_KINDS: Final[dict[str, tuple[str, bool]]] = {
     "leak_threshold": ("float", True),
     "application_name": ("str", True),
     "min_idle": ("int", True),
+    "idle_timeout": ("float", True),
+    "recycle_jitter": ("float", False),
+    "keepalive_interval": ("float", True),
     "pooler": ("str", True),
     "cleanup_timeout": ("float", False),
     "client_connection_check_interval": ("float", True),

@@ -18,6 +18,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ._concurrent import detect_concurrent_use, guard_sessions
+from ._credentials import Password, check_password, install_password, recycle_within
 from ._events import install_error_handling
 from ._pgbouncer import pgbouncer_connect_args
 from ._pool import FairAsyncPool, PoolState, next_pool_name
@@ -54,6 +55,8 @@ def create_pooled_engine(
     *,
     engine_options: Mapping[str, Any] | None = None,
     telemetry: bool = True,
+    password: Password | None = None,
+    password_lifetime: float | None = None,
     **overrides: Any,
 ) -> AsyncEngine:
     """Create an ``AsyncEngine`` on asyncpool's fair pool.
@@ -65,6 +68,10 @@ def create_pooled_engine(
     options asyncpool sets itself.
     ``telemetry=False`` skips OpenTelemetry instrumentation (on by default,
     with the global providers; see ``asyncpool.telemetry``).
+    ``password``: a string, or a sync or async callable returning the
+    password, called for every new connection (rotating credentials: RDS IAM,
+    Entra ID, Vault); ``password_lifetime`` (seconds) keeps ``pool_recycle``
+    at or below it. The URL must not carry a password then.
 
     Raises ``ConfigurationError`` before any connection is opened when a
     setting is invalid or the URL is not PostgreSQL on asyncpg.
@@ -84,6 +91,9 @@ def create_pooled_engine(
         )
     parsed, url_options = parse_url(url)
     config = with_url_settings(config, url_options)
+    if password is not None or password_lifetime is not None:
+        check_password(password, parsed, password_lifetime)
+        config = recycle_within(config, password_lifetime)
     name = config.name or next_pool_name()
     config = config.replace(name=name)
     state = PoolState(config, name)
@@ -107,6 +117,8 @@ def create_pooled_engine(
         **options,
     )
     install_error_handling(engine)
+    if password is not None:
+        install_password(engine, password)
     if detect_concurrent_use(config):
         guard_sessions()
     for hook in _engine_hooks:

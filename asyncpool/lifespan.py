@@ -254,6 +254,12 @@ async def _warm(engine: AsyncEngine, deadline: float, warm_timeout: float) -> No
     wanted = pool.state.config.effective_min_idle
     if wanted == 0:
         return
+    with pool.upkeep.warming():
+        await _warm_up(engine, wanted, deadline, warm_timeout)
+    logger.info("pool %r: warm, %d connections open", pool.name, wanted)
+
+
+async def _warm_up(engine: AsyncEngine, wanted: int, deadline: float, warm_timeout: float) -> None:
     held: list[AsyncConnection] = []
     tasks: list[asyncio.Task[AsyncConnection]] = []
     try:
@@ -273,7 +279,6 @@ async def _warm(engine: AsyncEngine, deadline: float, warm_timeout: float) -> No
             # Shielded: a cancellation (anyio re-cancels at every await) must
             # not leave the warm-up connections checked out.
             await asyncio.shield(asyncio.gather(*(conn.close() for conn in held)))
-    logger.info("pool %r: warm, %d connections open", pool.name, wanted)
 
 
 async def _connect(engine: AsyncEngine, deadline: float, warm_timeout: float) -> AsyncConnection:
@@ -348,6 +353,8 @@ async def _shutdown(engines: tuple[AsyncEngine, ...], *, drain_timeout: float) -
     cancelled: asyncio.CancelledError | None = None
     started = time.monotonic()
     try:
+        for pool in pools:
+            await pool.upkeep.halt()  # its connect in flight ends; the slot comes free
         await _drain(pools, drain_timeout)
     except asyncio.CancelledError as exc:
         cancelled = exc  # still terminate and dispose below, then re-raise

@@ -51,6 +51,19 @@ class PoolStatistics:
       clean again and back in the pool (the rest were closed).
     - ``cleanup_timeouts``: cleanups that took over ``cleanup_timeout`` and
       aborted their connection.
+
+    The maintenance task's (in the background, no checkout pays for it):
+
+    - ``refills`` / ``refill_failures``: connections opened to keep
+      ``min_idle`` / attempts that failed (spaced by backoff).
+    - ``outages``: times the refill found the database unreachable.
+    - ``idle_closes``: connections above the floor closed after ``idle_timeout``.
+    - ``background_recycles``: connections replaced at the end of their
+      lifetime (also counted in ``recycles``).
+    - ``keepalive_pings`` / ``keepalive_failures``: idle connections pinged
+      after ``keepalive_interval`` / found dead and replaced.
+    - ``invalidations_by_reason``: ``invalidations`` by reason (``pre_ping``,
+      ``idle_dead``, ``keepalive``, ``cancelled``, a SQLSTATE class, ...).
     """
 
     name: str
@@ -77,6 +90,14 @@ class PoolStatistics:
     cleanups: int
     cleanups_reused: int
     cleanup_timeouts: int
+    refills: int
+    refill_failures: int
+    outages: int
+    idle_closes: int
+    background_recycles: int
+    keepalive_pings: int
+    keepalive_failures: int
+    invalidations_by_reason: dict[str, int]
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
@@ -116,4 +137,12 @@ def statistics(engine: Any) -> PoolStatistics:
         cleanups=counters.cleanups,
         cleanups_reused=counters.cleanups_reused,
         cleanup_timeouts=counters.cleanup_timeouts,
+        refills=counters.refills,
+        refill_failures=counters.refill_failures,
+        outages=counters.outages,
+        idle_closes=counters.idle_closes,
+        background_recycles=counters.background_recycles,
+        keepalive_pings=counters.keepalive_pings,
+        keepalive_failures=counters.keepalive_failures,
+        invalidations_by_reason=dict(counters.invalidations_by_reason),
     )

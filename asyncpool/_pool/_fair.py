@@ -31,6 +31,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any, Final
 
@@ -53,12 +54,13 @@ from ._state import (
     invalidation_reason,
     next_pool_name,
 )
+from ._upkeep import Upkeep, lifetime_share
 
 try:  # SQLAlchemy 2.1
     from sqlalchemy.util.concurrency import await_
 except ImportError:  # pragma: no cover - SQLAlchemy 2.0
     from sqlalchemy.util.concurrency import await_only as await_
-from sqlalchemy.util.concurrency import greenlet_spawn
+from sqlalchemy.util.concurrency import greenlet_spawn, in_greenlet
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -143,6 +145,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
                 max_overflow=max(self._max_overflow, 0),
                 pool_timeout=self._timeout,
                 pre_ping=bool(pre_ping),
+                idle_timeout=None,  # SQLAlchemy's: overflow connections close when returned
             )
             asyncpool_state = PoolState(config, self._orig_logging_name or next_pool_name())
         self._state = asyncpool_state
@@ -162,6 +165,15 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         threshold = config.leak_threshold
         self._leaks = None if threshold is None else LeakWatch(asyncpool_state, threshold)
         self._cleanup = Cleanup(self)
+        self._upkeep = Upkeep(self)
+        capacity = config.idle_capacity
+        self._idle_capacity: float = math.inf if capacity is None else capacity
+        #: Fewest idle connections since the maintenance last looked (it
+        #: closes what a whole ``idle_timeout`` window did not need).
+        self._idle_low = 0
+        #: Each connection's lifetime: ``pool_recycle`` less its jitter share.
+        self._recycle_jitter = config.recycle_jitter * max(self._recycle, 0)
+        self._shrinking = False  # above the bound after resize(): shed returns
         # Lent-out records, so a drain can terminate stragglers and a forked
         # child can let go of every inherited connection.
         self._lent: set[ConnectionPoolEntry] = set()
@@ -202,6 +214,10 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         # Replaced (engine.dispose(), a fork): connections still lent out
         # are closed when they come back, never parked in the old pool.
         self._disposed = True
+        work = self._upkeep.stop()
+        if work is not None and in_greenlet():  # engine.dispose(): await it
+            with contextlib.suppress(BaseException):
+                await_(asyncio.wait({work}))
         return self.__class__(
             self._creator,
             asyncpool_state=self._state,
@@ -267,16 +283,21 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         if self._loop is not asyncio.get_running_loop():
             self._loop = _loops.adopt_running_loop(self)
             self._cleanup.watch_loop()
+            self._upkeep.start(self._loop)
         if self._state.closed:
             raise PoolClosedError(f"pool {self.name!r} is closed; no new checkouts are accepted")
         started = time.perf_counter()
         waited = False
-        if self._idle and not self._waiters:
-            rec = self._idle.pop() if self._pool.use_lifo else self._idle.popleft()
+        idle = self._idle
+        if idle and not self._waiters:
+            rec = idle.pop() if self._pool.use_lifo else idle.popleft()
+            if len(idle) < self._idle_low:
+                self._idle_low = len(idle)
         elif not self._waiters and (
             self._overflow < self._max_overflow or self._max_overflow == -1  # -1: no limit
         ):
             self._overflow += 1
+            self._idle_low = 0
             rec = self._open_record()
         else:
             waited = True
@@ -530,13 +551,13 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             if state is not ConnectionState.IDLE:
                 self._give_back_unclean(record, state)
                 return
-            if self._ping_enabled:
-                record._ap_parked = (  # type: ignore[attr-defined]
-                    dbapi_connection,
-                    driver_connection,
-                    time.monotonic(),
-                )
-        elif self._ping_enabled:
+            # For the pre-ping's skip window and the maintenance's idle clocks.
+            record._ap_parked = (  # type: ignore[attr-defined]
+                dbapi_connection,
+                driver_connection,
+                time.monotonic(),
+            )
+        else:
             record._ap_parked = None  # type: ignore[attr-defined]
         self.park(record)
 
@@ -556,13 +577,16 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         idle, else closed and its slot freed."""
         if self._state.closed:
             self.reject_waiters()  # shutting down: nobody is served any more
+        if self._shrinking:
+            self._shed(record)
+            return
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(record)
                 return
-        if len(self._idle) < self._pool.maxsize and self.accepts_returns():
+        if len(self._idle) < self._idle_capacity and self.accepts_returns():
             self._idle.append(record)
             return
         try:
@@ -592,6 +616,87 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         if self._returned is not None and self.checkedout() <= 0:
             self._returned.set()
 
+    def resize(self, config: PoolConfig) -> None:
+        """New ``pool_size`` and ``max_overflow`` (validated in ``config``): new
+        slots go to waiters at once; above the new bound, idle connections
+        close now and lent ones when they come back. Owner loop's thread only."""
+        old_size = self._pool.maxsize
+        self._state.config = config
+        self._pool.maxsize = config.pool_size
+        # checkedout() is maxsize - idle + _overflow: keep it what it is.
+        self._overflow -= config.pool_size - old_size
+        self._max_overflow = config.max_overflow
+        capacity = config.idle_capacity
+        self._idle_capacity = math.inf if capacity is None else capacity
+        self._recycle_jitter = config.recycle_jitter * max(self._recycle, 0)
+        self._shrinking = self._over_bound()
+        while self._shrinking and self._idle:
+            self._shed(self._idle.popleft())
+        while self._waiters and self.take_slot():
+            self.release_slot()  # to the oldest waiter still waiting, else back
+
+    def _over_bound(self) -> bool:
+        return self._max_overflow != -1 and self._overflow > self._max_overflow
+
+    def _shed(self, record: ConnectionPoolEntry) -> None:
+        """Close a connection above the bound after a shrinking ``resize()``."""
+        try:
+            record.close()
+        except Exception:
+            logger.exception("pool %r: closing a connection above the new size failed", self.name)
+        self._overflow -= 1
+        self._shrinking = self._over_bound()
+        if self._returned is not None and self.checkedout() <= 0:
+            self._returned.set()
+
+    def take_slot(self) -> bool:
+        """Claim a free connection slot for a new connection, if there is one."""
+        if self._overflow < self._max_overflow or self._max_overflow == -1:
+            self._overflow += 1
+            return True
+        return False
+
+    def close_record(self, record: ConnectionPoolEntry) -> None:
+        """Close a record taken out of the idle queue and free its slot."""
+        try:
+            record.close()
+        finally:
+            self.release_slot()
+
+    @property
+    def idle_low_water(self) -> int:
+        return self._idle_low
+
+    def lower_idle_low_water(self, idle: int) -> None:
+        if idle < self._idle_low:
+            self._idle_low = idle
+
+    def take_idle_low_water(self) -> int:
+        """The fewest idle connections since the last call; starts again from now."""
+        low, self._idle_low = self._idle_low, len(self._idle)
+        return low
+
+    def note_parked(self, record: ConnectionPoolEntry) -> None:
+        dbapi_connection: Any = record.dbapi_connection
+        if dbapi_connection is not None:
+            record._ap_parked = (  # type: ignore[attr-defined]
+                dbapi_connection,
+                dbapi_connection.driver_connection,
+                time.monotonic(),
+            )
+
+    def parked_at(self, record: ConnectionPoolEntry) -> float:
+        """``time.monotonic()`` when the record was last given back."""
+        parked = record.__dict__.get("_ap_parked")
+        if parked is not None and parked[0] is record.dbapi_connection:
+            return float(parked[2])
+        born: float = record.starttime  # type: ignore[attr-defined]
+        return time.monotonic() - (time.time() - born)
+
+    @property
+    def upkeep(self) -> Upkeep:
+        return self._upkeep
+
     def _dec_overflow(self) -> Any:
         self.release_slot()
         return True
@@ -615,6 +720,11 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
                     observer.connected(time.perf_counter() - started, exc)
                 raise
             state.counters.connects += 1
+            if self._recycle > 0:
+                # A lifetime of its own, so that connections opened together
+                # are not all replaced at once (HikariCP, psycopg_pool).
+                lifetime = self._recycle - self._recycle_jitter * lifetime_share()
+                record._ap_expires = time.time() + lifetime  # type: ignore[attr-defined]
             if state.observers:
                 seconds = time.perf_counter() - started
                 for observer in state.observers:
@@ -749,6 +859,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         The parent still talks on these sockets, so the child must neither
         write to them nor shut them down nor touch the parent's event loop.
         """
+        self._upkeep.forget_dead_loop()  # the parent's loop: never touched here
         dropped = 0
         connections = [rec.dbapi_connection for rec in [*self._idle, *self._lent]]
         for dbapi_connection in [*connections, *self._cleanup.connections()]:
@@ -763,6 +874,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         """The owner loop is shutting down: its connections are of no use to
         another loop. Finish the cleanups (their statements stop on the server),
         then drop the idle connections while the loop can still close them."""
+        await self._upkeep.halt()
         await self._cleanup.finish()
         dropped = self.invalidate_idle(OwnerLoopClosed(f"pool {self.name!r}: owner loop closed"))
         if dropped:
@@ -773,6 +885,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
     def forget_dead_loop(self) -> None:
         """The owner loop is closed: forget what belonged to it (see ``_loops``)."""
         self._cleanup.forget_dead_loop()
+        self._upkeep.forget_dead_loop()
         self._waiters.clear()  # futures of the dead loop: their tasks are gone
         self._returned = None  # an asyncio.Event bound to the dead loop
         self._foreign_connections_possible = True

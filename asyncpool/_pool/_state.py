@@ -20,6 +20,7 @@ from ..config import PoolConfig
 
 __all__ = [
     "CleanupFailed",
+    "IdleDropped",
     "OwnerLoopClosed",
     "PoolCounters",
     "PoolObserver",
@@ -61,6 +62,11 @@ class ReturnedUnclean(Exception):
         self.reason = reason
 
 
+class IdleDropped(ReturnedUnclean):
+    """The maintenance task found an idle connection dead (``idle_dead``: the
+    driver saw it end; ``keepalive``: it failed its ping) and replaced it."""
+
+
 class CleanupFailed(Exception):
     """A connection could not be put back in order (or not in time) and was closed.
 
@@ -83,6 +89,8 @@ _DISCONNECT_REASONS: Final = frozenset(
         "connection_closed",
         "protocol_error",
         "returned_closed",
+        "idle_dead",
+        "keepalive",
     }
 )
 
@@ -121,6 +129,13 @@ class PoolCounters:
     cleanups: int = 0
     cleanups_reused: int = 0
     cleanup_timeouts: int = 0
+    refills: int = 0
+    refill_failures: int = 0
+    outages: int = 0
+    idle_closes: int = 0
+    background_recycles: int = 0
+    keepalive_pings: int = 0
+    keepalive_failures: int = 0
     invalidations_by_reason: collections.Counter[str] = field(default_factory=collections.Counter)
 
 

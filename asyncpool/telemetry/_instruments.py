@@ -132,7 +132,24 @@ SPECS: Final[tuple[InstrumentSpec, ...]] = (
         "Connections being put in order on the server (statement cancelled, rolled back) "
         "after their caller gave up; each keeps its slot, and counts as used.",
     ),
+    InstrumentSpec(
+        sc.ASYNCPOOL_CONNECTION_MAINTENANCE,
+        "counter",
+        sc.UNIT_CONNECTION,
+        "What the pool's maintenance did in the background, by action: connections opened "
+        "to keep min_idle, failed attempts, closed after idle_timeout, replaced at the end "
+        "of their lifetime, found dead by the keepalive.",
+    ),
 )
+
+#: ``asyncpool.maintenance.action`` -> the ``PoolCounters`` field it reports.
+MAINTENANCE_ACTIONS: Final = {
+    "refill": "refills",
+    "refill_failure": "refill_failures",
+    "idle_close": "idle_closes",
+    "recycle": "background_recycles",
+    "keepalive_failure": "keepalive_failures",
+}
 
 #: Bucket advice (seconds). The conventions give none for pool histograms;
 #: these resolve a sub-millisecond hand-off as well as a multi-second stall.
@@ -211,6 +228,9 @@ class PoolInstruments:
             _observable(meter, sc.DB_CLIENT_CONNECTION_IDLE_MIN, self._observe_idle_min),
             _observable(meter, sc.DB_CLIENT_CONNECTION_PENDING_REQUESTS, self._observe_pending),
             _observable(meter, sc.ASYNCPOOL_CONNECTION_CLEANING, self._observe_cleaning),
+            _observable_counter(
+                meter, sc.ASYNCPOOL_CONNECTION_MAINTENANCE, self._observe_maintenance
+            ),
         )
 
     def add(self, reader: PoolReader) -> None:
@@ -252,7 +272,11 @@ class PoolInstruments:
         ]
 
     def _observe_idle_max(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(p.state.config.pool_size, r.attributes) for r, p in self._live()]
+        # Overflow connections linger idle for idle_timeout: every slot may be idle.
+        return [
+            Observation(p.state.config.idle_capacity or p.max_size or 0, r.attributes)
+            for r, p in self._live()
+        ]
 
     def _observe_idle_min(self, options: CallbackOptions) -> Iterable[Observation]:
         return [
@@ -264,6 +288,16 @@ class PoolInstruments:
 
     def _observe_cleaning(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(pool.cleaning, r.attributes) for r, pool in self._live()]
+
+    def _observe_maintenance(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(
+                getattr(pool.state.counters, field),
+                {**r.attributes, sc.ASYNCPOOL_MAINTENANCE_ACTION: action},
+            )
+            for r, pool in self._live()
+            for action, field in MAINTENANCE_ACTIONS.items()
+        ]
 
 
 _by_provider: weakref.WeakKeyDictionary[Any, PoolInstruments] = weakref.WeakKeyDictionary()
@@ -319,6 +353,15 @@ def _histogram(meter: metrics.Meter, name: str, buckets: tuple[float, ...]) -> m
 def _counter(meter: metrics.Meter, name: str) -> metrics.Counter:
     spec = _SPEC_BY_NAME[name]
     return meter.create_counter(spec.name, unit=spec.unit, description=spec.description)
+
+
+def _observable_counter(
+    meter: metrics.Meter, name: str, callback: Any
+) -> metrics.ObservableCounter:
+    spec = _SPEC_BY_NAME[name]
+    return meter.create_observable_counter(
+        spec.name, callbacks=[callback], unit=spec.unit, description=spec.description
+    )
 
 
 def _observable(meter: metrics.Meter, name: str, callback: Any) -> metrics.ObservableUpDownCounter:

@@ -50,6 +50,8 @@ ASYNCPOOL_CONNECTION_ERRORS: Final = "asyncpool.connection.errors"
 ASYNCPOOL_CHECKOUT_REJECTED: Final = "asyncpool.checkout.rejected"
 #: UpDownCounter: connections being cleaned after their caller gave up (each holds a slot).
 ASYNCPOOL_CONNECTION_CLEANING: Final = "asyncpool.connection.cleaning"
+#: Counter (observed): the maintenance task's work, by ``asyncpool.maintenance.action``.
+ASYNCPOOL_CONNECTION_MAINTENANCE: Final = "asyncpool.connection.maintenance"
 
 # -------------------------------------------------------------------- units
 
@@ -82,6 +84,9 @@ EXCEPTION_TYPE: Final = "exception.type"
 #: Why a connection was invalidated: ``pre_ping``, ``explicit``, ``loop_closed``,
 #: ``cancelled``, ``admin_shutdown``, ``connection_closed``, ... (see ``_classify``).
 ASYNCPOOL_INVALIDATION_REASON: Final = "asyncpool.invalidation.reason"
+#: What the maintenance did, on ``asyncpool.connection.maintenance``: ``refill``,
+#: ``refill_failure``, ``idle_close``, ``recycle``, ``keepalive_failure``.
+ASYNCPOOL_MAINTENANCE_ACTION: Final = "asyncpool.maintenance.action"
 #: Seconds the checkout took (queueing, connecting and pre-ping), on checkout spans.
 ASYNCPOOL_CHECKOUT_WAIT: Final = "asyncpool.checkout.wait"
 #: True when the checkout queued behind other callers, on checkout spans.

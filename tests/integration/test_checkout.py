@@ -112,7 +112,7 @@ async def test_nobody_starves_when_tasks_check_out_again_at_once(
 async def test_overflow_connections_open_under_load_and_close_when_returned(
     make_engine: EngineFactory,
 ) -> None:
-    engine = make_engine(pool_size=2, max_overflow=2)
+    engine = make_engine(pool_size=2, max_overflow=2, idle_timeout=None)
     conns = [await engine.connect() for _ in range(4)]
     for conn in conns:
         await conn.execute(text("SELECT 1"))

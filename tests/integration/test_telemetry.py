@@ -511,3 +511,25 @@ async def test_an_engine_dropped_between_collections_still_reports_its_last_hist
     assert otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_WAIT_TIME, app_name).count == 100
     assert otel.histogram(metrics, sc.DB_CLIENT_CONNECTION_USE_TIME, app_name).count == 100
     assert await database.backends(app_name) == []  # disposed: nothing left on the server
+
+
+async def test_the_maintenance_reports_what_it_did_by_action(
+    make_engine: EngineFactory, otel: Otel, app_name: str
+) -> None:
+    engine = make_engine(pool_size=1, max_overflow=1, idle_timeout=0.5)
+    instrument(engine, otel.meter_provider, otel.tracer_provider)
+    held = [await engine.connect() for _ in range(2)]
+    for conn in held:
+        await conn.execute(text("SELECT 1"))
+        await conn.close()
+    await wait_until(lambda: asyncpool.statistics(engine).idle_closes == 1, what="an idle close")
+    metrics = otel.collect()
+    action = sc.ASYNCPOOL_MAINTENANCE_ACTION
+    assert (
+        otel.value(metrics, sc.ASYNCPOOL_CONNECTION_MAINTENANCE, app_name, **{action: "idle_close"})
+        == 1
+    )
+    assert (
+        otel.value(metrics, sc.ASYNCPOOL_CONNECTION_MAINTENANCE, app_name, **{action: "refill"})
+        == 0
+    )

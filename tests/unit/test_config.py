@@ -33,6 +33,9 @@ CASES: dict[str, tuple[list[object], object]] = {
     "cleanup_timeout": ([0, -1, math.inf, None, "5"], 1.0),
     "client_connection_check_interval": ([0, 0.0001, 3_000_000, math.inf, -1], None),
     "detect_concurrent_use": ([1, "true"], None),
+    "idle_timeout": ([0, -1, math.inf, "10"], None),
+    "recycle_jitter": ([-0.1, 0.6, math.nan, None, "0.2"], 0.0),
+    "keepalive_interval": ([0, -1, math.inf], None),
 }
 
 

@@ -98,6 +98,9 @@ VALID: Final[dict[str, Any]] = {
         v is None or (is_number(v) and math.isfinite(v) and 0.001 <= v <= 2_147_483)
     ),
     "detect_concurrent_use": lambda v: v is None or boolean(v),
+    "idle_timeout": seconds(zero=False, optional=True),
+    "recycle_jitter": lambda v: is_number(v) and math.isfinite(v) and 0 <= v <= 0.5,
+    "keepalive_interval": seconds(zero=False, optional=True),
 }
 
 

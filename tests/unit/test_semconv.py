@@ -66,6 +66,7 @@ KINDS: dict[type, str] = {
     sdk_metrics.instrument._Counter: "counter",
     sdk_metrics.instrument._UpDownCounter: "updowncounter",
     sdk_metrics.instrument._ObservableUpDownCounter: "updowncounter",
+    sdk_metrics.instrument._ObservableCounter: "counter",
     sdk_metrics.instrument._Histogram: "histogram",
 }
 
@@ -141,10 +142,12 @@ def test_asyncpool_names_are_prefixed_and_collide_with_no_convention_name() -> N
         sc.ASYNCPOOL_CONNECTION_ERRORS,
         sc.ASYNCPOOL_CHECKOUT_REJECTED,
         sc.ASYNCPOOL_CONNECTION_CLEANING,
+        sc.ASYNCPOOL_CONNECTION_MAINTENANCE,
     ]
     for name in [
         *own,
         sc.ASYNCPOOL_INVALIDATION_REASON,
+        sc.ASYNCPOOL_MAINTENANCE_ACTION,
         sc.ASYNCPOOL_CHECKOUT_WAIT,
         sc.ASYNCPOOL_CHECKOUT_QUEUED,
         sc.CHECKOUT_SPAN_NAME,
