@@ -1,0 +1,53 @@
+"""probe_database(engine, seconds): is the database up, asked outside the pool.
+
+A readiness probe must not queue behind the saturation it reports, so the
+question goes over a connection of its own: opened with the pool's creator
+(the engine's dialect, URL, ``connect_args``, TLS and ``do_connect`` hooks,
+exactly as a pooled connection would be), pinged, and closed at once. It is
+never checked out, so the pool's queue, slots and counters are untouched
+(the pool counts connects in ``_invoke_creator``, which this bypasses).
+
+Each probe costs one short-lived server connection beyond ``max_size``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
+
+from ._drivers import driver_for
+from ._url import scrub
+
+__all__ = ["first_line", "probe_database"]
+
+
+async def probe_database(engine: AsyncEngine, seconds: float) -> str | None:
+    """None when the database answers ``SELECT 1`` on a new connection within
+    ``seconds``, else why not (no password in it)."""
+    sync_engine = engine.sync_engine
+    driver = driver_for(sync_engine.dialect)
+    connection: Any = None
+    try:
+        with anyio.fail_after(seconds):
+            # Called without a record, as SQLAlchemy's own creator and
+            # ``async_creator`` wrapper allow.
+            connection = await greenlet_spawn(sync_engine.pool._creator)
+            await driver.ping(connection.driver_connection, seconds)
+    except TimeoutError:
+        return f"no answer within {seconds:g} s"
+    except Exception as exc:
+        return scrub(f"{type(exc).__name__}: {first_line(exc)}", [engine.url])
+    finally:
+        if connection is not None:
+            # No await: a cancelled probe cannot leave its connection open.
+            driver.abort(connection.driver_connection)
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error (of the driver's error under SQLAlchemy's)."""
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else ""
