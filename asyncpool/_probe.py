@@ -39,7 +39,9 @@ async def probe_database(engine: AsyncEngine, seconds: float) -> str | None:
     except TimeoutError:
         return f"no answer within {seconds:g} s"
     except Exception as exc:
-        return scrub(f"{type(exc).__name__}: {first_line(exc)}", [engine.url])
+        # Outside the pool SQLAlchemy does not wrap the error: show the driver's.
+        error = getattr(exc, "orig", None) or exc
+        return scrub(f"{type(error).__name__}: {first_line(error)}", [engine.url])
     finally:
         if connection is not None:
             # No await: a cancelled probe cannot leave its connection open.
