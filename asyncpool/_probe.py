@@ -7,11 +7,16 @@ exactly as a pooled connection would be), pinged, and closed at once. It is
 never checked out, so the pool's queue, slots and counters are untouched
 (the pool counts connects in ``_invoke_creator``, which this bypasses).
 
-Each probe costs one short-lived server connection beyond ``max_size``.
+Each probe costs one short-lived server connection beyond ``max_size``, and
+there is at most one per pool at a time: callers that ask while a probe of
+the same pool (and timeout) is under way share its answer, so a burst of
+health requests cannot open a burst of server connections.
 """
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from typing import Any
 
 import anyio
@@ -24,9 +29,31 @@ from ._url import scrub
 __all__ = ["first_line", "probe_database"]
 
 
+#: The probe under way for a pool, by timeout.
+_in_flight: weakref.WeakKeyDictionary[Any, dict[float, asyncio.Task[str | None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 async def probe_database(engine: AsyncEngine, seconds: float) -> str | None:
     """None when the database answers ``SELECT 1`` on a new connection within
     ``seconds``, else why not (no password in it)."""
+    loop = asyncio.get_running_loop()
+    tasks = _in_flight.setdefault(engine.sync_engine.pool, {})
+    task = tasks.get(seconds)
+    if task is None or task.done() or task.get_loop() is not loop:
+        task = tasks[seconds] = loop.create_task(_probe(engine, seconds))
+
+        def forget(done: asyncio.Task[str | None]) -> None:
+            if tasks.get(seconds) is done:
+                del tasks[seconds]
+
+        task.add_done_callback(forget)
+    # Shielded: a caller that goes away does not cut the answer short for the others.
+    return await asyncio.shield(task)
+
+
+async def _probe(engine: AsyncEngine, seconds: float) -> str | None:
     sync_engine = engine.sync_engine
     driver = driver_for(sync_engine.dialect)
     connection: Any = None

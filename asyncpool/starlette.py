@@ -220,7 +220,8 @@ def health_endpoint(
     answers within ``timeout`` seconds however busy the pools are:
 
     - the database: ``SELECT 1`` on a separate, short-lived connection opened
-      with the engine's own connect arguments, bounded by ``timeout``;
+      with the engine's own connect arguments, bounded by ``timeout``; one
+      per pool at a time, shared by concurrent requests;
     - saturation: from ``statistics(engine)``. A pool is saturated when no
       connection is free for a new caller: ``checked_out >= max_size``, or
       callers already queue (``waiting > 0``). A pool without an overflow

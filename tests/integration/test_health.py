@@ -174,6 +174,30 @@ async def test_probe_connection_is_closed_and_never_touches_the_pool(
     await wait_for_async(only_the_pooled_backend_left, what="the probe backends to exit")
 
 
+async def test_concurrent_requests_share_one_probe_connection(
+    make_engine: EngineFactory, database: TestDatabase, fault_proxy: FaultProxy
+) -> None:
+    engine = make_engine(proxied_url(database, fault_proxy), pool_size=1, connect_timeout=30)
+    connects = 0
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def seen(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        nonlocal connects
+        connects += 1
+
+    app = health_app(engine, timeout=1.0)
+    # Black-holed, the first probe stays under way for the whole timeout.
+    fault_proxy.black_hole()
+    answers = await asyncio.gather(*(get_health(app) for _ in range(20)))
+    assert {(status, body["status"]) for status, body, _ in answers} == {(503, "unavailable")}
+    assert max(elapsed for _, _, elapsed in answers) <= 1.0 + MARGIN
+    assert connects == 1
+    fault_proxy.forward()
+    status, _, _ = await get_health(app)  # a new probe once the last one ended
+    assert status == 200
+    assert connects == 2
+
+
 @pytest.mark.parametrize("fault", ["closed port", "refused by the proxy"])
 async def test_password_never_reaches_the_body(
     make_engine: EngineFactory, database: TestDatabase, fault_proxy: FaultProxy, fault: str
