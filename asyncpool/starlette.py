@@ -12,8 +12,10 @@ Three pieces, each usable alone:
   (the first query) and release is early (when the endpoint function
   returns, before the response is sent): ``sessions.depends()`` for FastAPI,
   ``async with sessions.scope()`` for Starlette.
-- ``health_endpoint()``: 200 with the pool statistics as JSON while every
-  database answers, 503 with a reason while one does not (readiness probes).
+- ``health_endpoint()``: a readiness probe that never queues for a pooled
+  connection: 200 with the pool statistics as JSON while every database
+  answers, 503 with a reason while one does not or its pool shuts down, and
+  "saturated" (200 unless told otherwise) while a pool has no free connection.
 
 **Streaming.** A request's connection must not be held while a response
 streams to a slow client. With ``sessions.depends()`` it is not: the session
@@ -36,15 +38,15 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Final
 
 import anyio
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ._pool import FairAsyncPool
+from ._probe import probe_database
 from ._url import redact_url, scrub
-from ._validate import check_callable, check_seconds
+from ._validate import check_callable, check_int, check_seconds
 from .errors import ConfigurationError
 from .lifespan import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -63,6 +65,17 @@ STATE_KEY: Final = "asyncpool_engines"
 
 #: Seconds a health check may take per database before it counts as unavailable.
 DEFAULT_HEALTH_TIMEOUT: Final = 2.0
+
+#: Status code of a saturated pool on a healthy database: still ready. Taking
+#: a busy instance out of rotation sends its load to the others, which then
+#: saturate in turn; the pool's own queue and ``pool_timeout`` shed load.
+DEFAULT_SATURATED_STATUS: Final = 200
+
+#: A pool's state in the health body, worst last.
+OK: Final = "ok"
+SATURATED: Final = "saturated"
+UNAVAILABLE: Final = "unavailable"
+SHUTTING_DOWN: Final = "shutting_down"
 
 AppLifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
@@ -196,31 +209,57 @@ async def _finish(session: AsyncSession, error: BaseException | None) -> None:
 
 
 def health_endpoint(
-    *engines: Any, timeout: float = DEFAULT_HEALTH_TIMEOUT
+    *engines: Any,
+    timeout: float = DEFAULT_HEALTH_TIMEOUT,
+    saturated_status: int = DEFAULT_SATURATED_STATUS,
 ) -> Callable[[Request], Awaitable[JSONResponse]]:
     """An endpoint for readiness probes: ``app.add_route("/health", health_endpoint())``.
 
     Checks every engine (given here, else those of ``create_lifespan`` from
-    the request state) with ``SELECT 1`` on a pooled connection, bounded by
-    ``timeout`` seconds. 200 ``{"status": "ok", "pools": {...}}`` with each
-    pool's statistics; 503 ``{"status": "unavailable", "reason": ...}`` when
-    a database does not answer in time, errors, or its pool is shutting down
-    (so a draining instance leaves the load balancer first).
+    the request state) without ever waiting in its pool's queue, so it
+    answers within ``timeout`` seconds however busy the pools are:
+
+    - the database: ``SELECT 1`` on a separate, short-lived connection opened
+      with the engine's own connect arguments, bounded by ``timeout``; one
+      per pool at a time, shared by concurrent requests;
+    - saturation: from ``statistics(engine)``. A pool is saturated when no
+      connection is free for a new caller: ``checked_out >= max_size``, or
+      callers already queue (``waiting > 0``). A pool without an overflow
+      limit saturates only when callers queue.
+
+    Each pool gets a ``"state"``: ``ok``, ``saturated``, ``unavailable`` (the
+    database did not answer in time or refused) or ``shutting_down``. The
+    body's ``"status"`` is the worst of them (``shutting_down`` counts as
+    ``unavailable``), with a ``"reason"`` unless ``ok``:
+
+    - 200 ``{"status": "ok", "pools": {name: statistics + state}}``;
+    - ``saturated_status`` (default 200: a busy instance on a healthy
+      database stays in rotation, since removing it only moves its load to
+      the others) ``{"status": "saturated", ...}``; pass 503 to shed load;
+    - 503 ``{"status": "unavailable", ...}`` when a database does not answer
+      or its pool is shutting down (so a draining instance leaves the load
+      balancer first).
     """
     check_seconds("timeout", timeout, allow_zero=False)
+    check_int("saturated_status", saturated_status, low=200, high=599)
     fixed = engines_of(*engines) if engines else None
 
     async def health(request: Request) -> JSONResponse:
         targets = fixed if fixed is not None else _engines_from_state(request)
-        reasons = await asyncio.gather(*(_check(engine, timeout) for engine in targets))
-        failed = [reason for reason in reasons if reason is not None]
-        body: dict[str, Any] = {
-            "status": "unavailable" if failed else "ok",
-            "pools": {_name(e): _statistics(e) for e in targets},
-        }
-        if failed:
-            body["reason"] = "; ".join(failed)
-        return JSONResponse(body, status_code=503 if failed else 200)
+        checks = await asyncio.gather(*(_check(engine, timeout) for engine in targets))
+        pools = {_name(engine): pool for engine, (pool, _) in zip(targets, checks, strict=True)}
+        states = {pool["state"] for pool, _ in checks}
+        if states & {UNAVAILABLE, SHUTTING_DOWN}:
+            status, code = UNAVAILABLE, 503
+        elif SATURATED in states:
+            status, code = SATURATED, saturated_status
+        else:
+            status, code = OK, 200
+        body: dict[str, Any] = {"status": status, "pools": pools}
+        reasons = [reason for _, reason in checks if reason is not None]
+        if reasons:
+            body["reason"] = "; ".join(reasons)
+        return JSONResponse(body, status_code=code)
 
     return health
 
@@ -257,22 +296,36 @@ def _engines_from_state(request: Request) -> tuple[AsyncEngine, ...]:
     return tuple(found.values())
 
 
-async def _check(engine: AsyncEngine, seconds: float) -> str | None:
-    """None when the database answers ``SELECT 1`` within ``seconds``, else why not."""
+async def _check(engine: AsyncEngine, seconds: float) -> tuple[dict[str, Any], str | None]:
+    """A pool's statistics with its ``state`` and, unless ``ok``, why.
+
+    Never a checkout from the pool: the database is probed on a connection
+    of its own, the saturation read from the statistics afterwards.
+    """
     name = _name(engine)
     pool = engine.sync_engine.pool
     if isinstance(pool, FairAsyncPool) and pool.state.closed:
-        return f"pool {name!r} is shutting down"
-    try:
-        with anyio.fail_after(seconds):
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-    except TimeoutError:
-        return f"pool {name!r}: no answer within {seconds:g} s"
-    except Exception as exc:
-        reason = f"pool {name!r}: {type(exc).__name__}: {_first_line(exc)}"
-        return scrub(reason, [engine.url])
-    return None
+        return _entry(engine, SHUTTING_DOWN), f"pool {name!r} is shutting down"
+    problem = await probe_database(engine, seconds)
+    if problem is not None:
+        reason = scrub(f"pool {name!r}: database unavailable: {problem}", [engine.url])
+        return _entry(engine, UNAVAILABLE), reason
+    if not isinstance(pool, FairAsyncPool):
+        return _entry(engine, OK), None
+    stats = statistics(engine)
+    full = stats.max_size is not None and stats.checked_out >= stats.max_size
+    if not (full or stats.waiting > 0):
+        return {**stats.as_dict(), "state": OK}, None
+    limit = "no limit" if stats.max_size is None else str(stats.max_size)
+    reason = (
+        f"pool {name!r} is saturated: {stats.checked_out} checked out of {limit},"
+        f" {stats.waiting} waiting"
+    )
+    return {**stats.as_dict(), "state": SATURATED}, reason
+
+
+def _entry(engine: AsyncEngine, state: str) -> dict[str, Any]:
+    return {**_statistics(engine), "state": state}
 
 
 def _name(engine: AsyncEngine) -> str:
@@ -287,8 +340,3 @@ def _statistics(engine: AsyncEngine) -> dict[str, Any]:
     if isinstance(engine.sync_engine.pool, FairAsyncPool):
         return statistics(engine).as_dict()
     return {"pooled": False}
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return lines[0] if lines else ""

@@ -10,7 +10,8 @@
   before the response is sent, rolled back on error;
 - ``GET /users/export``: NDJSON, streamed after the request's connection is
   back in the pool;
-- ``GET /health``: 200 + pool statistics, or 503 + reason (readiness probe);
+- ``GET /health``: 200 + pool statistics ("ok", or "saturated" while every
+  connection is busy), or 503 + reason (readiness probe; never queues);
 - ``GET /metrics``: the pool's OpenTelemetry metrics for Prometheus
   (``asyncpool.telemetry.prometheus``; dashboard: ``examples/grafana_dashboard.json``);
 - shutdown (SIGTERM): in-flight requests finish, then the pool drains and

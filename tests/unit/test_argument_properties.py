@@ -281,9 +281,13 @@ def test_sessions_name_an_option_given_beside_a_sessionmaker() -> None:
 
 @PROPERTIES
 @given(data=st.data())
-def test_health_endpoint_names_a_bad_timeout(data: st.DataObject) -> None:
+def test_health_endpoint_names_a_bad_timeout_or_saturated_status(data: st.DataObject) -> None:
     values, spoilt = draw_arguments(
-        data.draw, {"timeout": Argument(positive_seconds, bad_positive_seconds)}
+        data.draw,
+        {
+            "timeout": Argument(positive_seconds, bad_positive_seconds),
+            "saturated_status": Argument(st.integers(200, 599), bad_int(200, 599)),
+        },
     )
     check(lambda: health_endpoint(ENGINE, **values), spoilt)
 
