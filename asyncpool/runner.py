@@ -123,8 +123,12 @@ def close() -> None:
         raise RuntimeError("asyncpool.runner.close() cannot be called from a running event loop")
     with _lock:
         kept = _kept.pop(threading.current_thread(), None)
-    if kept is not None and kept.pid == os.getpid():
-        _close(kept)
+    if kept is None:
+        return
+    if kept.pid != os.getpid():
+        _inherited.append(kept)  # a parent's: never closed here
+        return
+    _close(kept)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -214,6 +218,7 @@ async def _dispose_owned(loop: asyncio.AbstractEventLoop) -> None:
 def _close_all_at_exit() -> None:
     with _lock:
         mine = [k for k in _kept.values() if k.pid == os.getpid()]
+        _inherited.extend(k for k in _kept.values() if k.pid != os.getpid())
         _kept.clear()
     for kept in mine:
         try:
