@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import runner as runner
 from . import telemetry as telemetry
 from .budget import ConnectionBudget as ConnectionBudget
 from .budget import connection_budget as connection_budget
@@ -24,6 +25,7 @@ from .retry import retry as retry
 from .routing import EngineGroup as EngineGroup
 from .routing import RoutingStatistics as RoutingStatistics
 from .routing import create_analytics_engine as create_analytics_engine
+from .runner import run as run
 from .stats import PoolStatistics as PoolStatistics
 from .stats import statistics as statistics
 
@@ -53,6 +55,8 @@ __all__ = [
     "register_engine",
     "resize",
     "retry",
+    "run",
+    "runner",
     "statistics",
     "telemetry",
 ]

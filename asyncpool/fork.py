@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ._pool import FairAsyncPool
 from .engine import _engine_hooks
 
-__all__ = ["register_engine"]
+__all__ = ["register_engine", "registered_engines"]
 
 logger = logging.getLogger("asyncpool.fork")
 
@@ -49,6 +49,12 @@ def register_engine(engine: AsyncEngine) -> None:
         os.register_at_fork(after_in_child=_after_fork_in_child)
         _hook_installed = True
     _engines.add(engine)
+
+
+def registered_engines() -> list[AsyncEngine]:
+    """The live engines registered in this process (``asyncpool.run`` disposes
+    those its loops own at exit)."""
+    return list(_engines)
 
 
 def _after_fork_in_child() -> None:
