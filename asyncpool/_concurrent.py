@@ -77,8 +77,10 @@ def raise_for_refusal(context: ExceptionContext, pool: FairAsyncPool) -> None:
     other = _task_using(lambda owner: _refers_to(owner, (conn, adapted)))
     # The refused COMMIT or ROLLBACK did nothing on the server; asyncpg got
     # there before any I/O. The first task's block stays its own.
-    driver.keep_transaction(adapted)
+    kept = driver.keep_transaction(adapted)
     await_only(driver.wait_not_busy(conn, pool.state.config.cleanup_timeout))
+    if kept is not None:
+        driver.drop_kept_transaction(adapted, kept)
     holder = getattr(fairy, "_connection_record", None)
     holder_task = getattr(holder, "_ap_holder", None) if holder is not None else None
     raise _error("connection", other, holder_task) from context.original_exception
@@ -107,6 +109,10 @@ def _guard_session(state: ORMExecuteState) -> None:
     if pool is None or asyncio._get_running_loop() is None:
         return  # not ours, or a sync session shared between threads
     other = _task_using(lambda owner: _refers_to(owner, (session,)))
+    if other is None:
+        # This very task is connecting the session (a statement from an
+        # after_begin listener, say): SQLAlchemy's own error says it at once.
+        return
     await_only(_until_connected(session, pool))
     raise _error("session", other, other)
 

@@ -82,14 +82,16 @@ class EngineBudget:
     suggested_max_overflow: int
     #: ``PoolConfig.pooler``: behind a pooler, its pool (not this one) bounds the server's use.
     pooler: str | None = None
+    #: Pools the engine may hold: ``max_loops`` with ``pool_per_loop``, else 1.
+    loops: int = 1
 
     @property
     def max_connections(self) -> int:
-        return self.pool_size + self.max_overflow
+        return (self.pool_size + self.max_overflow) * self.loops
 
     @property
     def suggested_max_connections(self) -> int:
-        return self.suggested_pool_size + self.suggested_max_overflow
+        return (self.suggested_pool_size + self.suggested_max_overflow) * self.loops
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +310,7 @@ def _members(items: tuple[Any, ...]) -> list[tuple[AsyncEngine, EngineBudget]]:
                     member.pool_size,
                     member.max_overflow,
                     member.pooler,
+                    _loops_of(member.engine),
                 )
                 found.setdefault(id(member.engine), (member.engine, share))
             continue
@@ -337,7 +340,14 @@ def _share(engine: AsyncEngine) -> EngineBudget:
         config.pool_size,
         config.max_overflow,
         config.pooler,
+        config.loops,
     )
+
+
+def _loops_of(engine: AsyncEngine) -> int:
+    pool = engine.sync_engine.pool
+    state = getattr(pool, "state", None)
+    return state.config.loops if state is not None else 1
 
 
 def _with_suggestions(budget: ServerBudget) -> ServerBudget:
@@ -359,10 +369,12 @@ def _with_suggestions(budget: ServerBudget) -> ServerBudget:
         shares[shares.index(max(shares))] -= 1
     suggested = []
     for engine, share in zip(engines, shares, strict=True):
+        per_pool = max(share // engine.loops, 1)  # pool_per_loop: max_loops pools share it
         if engine.pool_size == 0:  # NullPool: every connection is opened on demand
             pool_size = 0
         else:
-            pool_size = min(share, max(1, round(share * engine.pool_size / engine.max_connections)))
+            wanted = engine.pool_size + engine.max_overflow
+            pool_size = min(per_pool, max(1, round(per_pool * engine.pool_size / wanted)))
         suggested.append(
             EngineBudget(
                 engine.name,
@@ -370,8 +382,9 @@ def _with_suggestions(budget: ServerBudget) -> ServerBudget:
                 engine.pool_size,
                 engine.max_overflow,
                 pool_size,
-                share - pool_size,
+                per_pool - pool_size,
                 engine.pooler,
+                engine.loops,
             )
         )
     return ServerBudget(

@@ -29,6 +29,9 @@ MAX_OVERFLOW_MAX: Final = 10_000
 #: The largest share of ``pool_recycle`` that ``recycle_jitter`` may take off.
 RECYCLE_JITTER_MAX: Final = 0.5
 
+#: The most event loops ``max_loops`` may allow.
+MAX_LOOPS_MAX: Final = 1024
+
 #: The longest queue ``max_waiting`` may allow.
 MAX_WAITING_MAX: Final = 1_000_000
 
@@ -129,6 +132,12 @@ class PoolConfig:
     #: Collisions the driver refuses (a commit racing a statement) are named
     #: the same way whatever this says: that costs nothing.
     detect_concurrent_use: bool | None = None
+    #: Give each live event loop its own pool with these settings, instead of
+    #: ``WrongEventLoopError`` (threads each running a loop on one engine).
+    pool_per_loop: bool = False
+    #: With ``pool_per_loop``: the most loops served at once (1 to 1024); the
+    #: connection budget counts this many pools per engine.
+    max_loops: int = 8
 
     def __post_init__(self) -> None:
         check_name("name", self.name, optional=True)
@@ -161,6 +170,8 @@ class PoolConfig:
             low=0.001,
             high=_CHECK_INTERVAL_MAX,
         )
+        check_bool("pool_per_loop", self.pool_per_loop)
+        check_int("max_loops", self.max_loops, low=1, high=MAX_LOOPS_MAX)
         if self.detect_concurrent_use is not None:
             check_bool("detect_concurrent_use", self.detect_concurrent_use)
         if self.pooler is not None and self.pooler not in POOLERS:
@@ -168,8 +179,14 @@ class PoolConfig:
 
     @property
     def max_size(self) -> int:
-        """The most connections this pool can hold open at once."""
+        """The most connections this pool can hold open at once (per loop with
+        ``pool_per_loop``)."""
         return self.pool_size + self.max_overflow
+
+    @property
+    def loops(self) -> int:
+        """Pools an engine may hold: ``max_loops`` with ``pool_per_loop``, else 1."""
+        return self.max_loops if self.pool_per_loop else 1
 
     @property
     def effective_min_idle(self) -> int:
@@ -258,6 +275,8 @@ _FIELD_KINDS: Final[dict[str, tuple[str, bool]]] = {
     "cleanup_timeout": ("float", False),
     "client_connection_check_interval": ("float", True),
     "detect_concurrent_use": ("bool", True),
+    "pool_per_loop": ("bool", False),
+    "max_loops": ("int", False),
 }
 
 

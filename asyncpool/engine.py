@@ -21,7 +21,7 @@ from ._concurrent import detect_concurrent_use, guard_sessions
 from ._credentials import Password, check_password, install_password, recycle_within
 from ._events import install_error_handling
 from ._pgbouncer import pgbouncer_connect_args
-from ._pool import FairAsyncPool, PoolState, next_pool_name
+from ._pool import FairAsyncPool, PerLoopPool, PoolState, next_pool_name
 from ._url import UrlOptions, merge_settings, redact_url, scrub, translate_query
 from .config import PoolConfig, setting_names
 from .errors import AsyncPoolError, ConfigurationError
@@ -104,7 +104,7 @@ def create_pooled_engine(
 
     engine = create_async_engine(
         parsed,
-        poolclass=FairAsyncPool,
+        poolclass=PerLoopPool if config.pool_per_loop else FairAsyncPool,
         asyncpool_state=state,
         pool_size=config.pool_size,
         max_overflow=config.max_overflow,

@@ -29,6 +29,8 @@ class PoolStatistics:
     - ``idle``: open connections waiting in the pool now.
     - ``overflow``: connections open above ``pool_size`` now.
     - ``waiting``: callers queued for a connection now (requests).
+    - ``loops``: live event loops served (each its own pool with
+      ``pool_per_loop``; else 1 once a loop owns the pool).
     - ``cleaning``: connections being put in order after their caller gave up
       or gave them back unclean (statement cancelled on the server, rolled
       back); each keeps its slot and counts in ``checked_out`` until done.
@@ -73,6 +75,7 @@ class PoolStatistics:
     idle: int
     overflow: int
     waiting: int
+    loops: int
     cleaning: int
     checkouts: int
     waits: int
@@ -120,6 +123,7 @@ def statistics(engine: Any) -> PoolStatistics:
         idle=idle,
         overflow=max(size - config.pool_size, 0),
         waiting=pool.waiting,
+        loops=pool.loop_count(),
         cleaning=pool.cleaning,
         checkouts=counters.checkouts,
         waits=counters.waits,

@@ -77,6 +77,10 @@ class Driver(Protocol):
     async def set_session(self, conn: Any, settings: dict[str, str]) -> None:
         """``SET`` session settings (one round trip)."""
 
+    def own_tasks(self, tasks: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+        """The driver's own background tasks among ``tasks`` (asyncpg's
+        CancelRequest senders), which a loop shutting down should let finish."""
+
     def refused_as_busy(self, error: BaseException) -> bool:
         """The driver refused an operation because another one is in flight on
         the same connection (two tasks using it at once)."""
@@ -84,10 +88,15 @@ class Driver(Protocol):
     async def wait_not_busy(self, conn: Any, seconds: float) -> None:
         """Wait, at most ``seconds``, until no statement is running."""
 
-    def keep_transaction(self, adapted: Any) -> None:
+    def keep_transaction(self, adapted: Any) -> object | None:
         """After a refused commit or rollback (the server's transaction block
         is still open), make SQLAlchemy's adapter track that block again, so
-        the task whose statement runs carries on as if nothing happened. No I/O."""
+        the task whose statement runs carries on as if nothing happened. No
+        I/O. Returns what it set up, for ``drop_kept_transaction``."""
+
+    def drop_kept_transaction(self, adapted: Any, kept: object) -> None:
+        """Once the other task's operation is done: undo ``keep_transaction``
+        if that operation ended the block itself (a commit racing a rollback)."""
 
 
 def driver_for(dialect: Any) -> Driver:

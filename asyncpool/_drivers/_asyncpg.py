@@ -159,6 +159,16 @@ class _Asyncpg:
             "; ".join(f"SET {name} = {_quote(value)}" for name, value in settings.items())
         )
 
+    def own_tasks(self, tasks: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+        # Connection._cancel: a cancelled query's CancelRequest, sent on a
+        # connection of its own; started by the loop's cancel-all at shutdown.
+        return [
+            task
+            for task in tasks
+            if getattr(task.get_coro(), "__qualname__", "") == "Connection._cancel"
+            and not task.done()
+        ]
+
     def refused_as_busy(self, error: BaseException) -> bool:
         # asyncpg checks this before any I/O: the running statement is untouched.
         return "another operation is in progress" in str(error)
@@ -178,7 +188,7 @@ class _Asyncpg:
             # before this one does, and may start its next step.
             await asyncio.wait({waiter}, timeout=remaining)
 
-    def keep_transaction(self, adapted: Any) -> None:
+    def keep_transaction(self, adapted: Any) -> object | None:
         # A refused COMMIT or ROLLBACK ended nothing on the server, but asyncpg
         # marks its Transaction failed and SQLAlchemy's adapter drops it: the
         # task whose statement runs would get "cannot use
@@ -186,7 +196,7 @@ class _Asyncpg:
         # Track the open block again, as asyncpg's own start() leaves it.
         conn = adapted.driver_connection
         if getattr(adapted, "_transaction", None) is not None or conn._top_xact is not None:
-            return
+            return None
         from asyncpg.transaction import TransactionState
 
         transaction = conn.transaction(
@@ -199,6 +209,22 @@ class _Asyncpg:
         adapted._transaction = transaction
         if hasattr(adapted, "_started"):  # SQLAlchemy 2.0
             adapted._started = True
+        kept: object = transaction
+        return kept
+
+    def drop_kept_transaction(self, adapted: Any, kept: object) -> None:
+        # The in-flight operation was itself a COMMIT or ROLLBACK: the block
+        # is over on the server, so the Transaction kept above is a phantom.
+        conn = adapted.driver_connection
+        protocol = conn._protocol
+        if protocol is None or protocol.is_in_transaction():
+            return
+        if conn._top_xact is kept:
+            conn._top_xact = None
+        if getattr(adapted, "_transaction", None) is kept:
+            adapted._transaction = None
+            if hasattr(adapted, "_started"):  # SQLAlchemy 2.0
+                adapted._started = False
 
 
 def _quote(value: str) -> str:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, Pool
+from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.util import queue as sqla_queue
 
 from .._drivers import ConnectionState, Driver, driver_for
@@ -245,6 +246,10 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         if self._max_overflow == -1:
             return None
         return self._pool.maxsize + self._max_overflow
+
+    def loop_count(self) -> int:
+        """Live event loops served: 1 once a live loop owns the pool, else 0."""
+        return int(self._loop is not None and not self._loop.is_closed())
 
     @property
     def cleaning(self) -> int:
@@ -606,6 +611,12 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         """A connection slot came free: give it to the oldest waiter, else shrink."""
         if self._state.closed:
             self.reject_waiters()
+        if self._shrinking:  # above a smaller resize(): the slot goes, no waiter gets it
+            self._overflow -= 1
+            self._shrinking = self._over_bound()
+            if self._returned is not None and self.checkedout() <= 0:
+                self._returned.set()
+            return
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
@@ -648,6 +659,10 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         self._shrinking = self._over_bound()
         if self._returned is not None and self.checkedout() <= 0:
             self._returned.set()
+
+    def empty_record(self) -> ConnectionPoolEntry:
+        """A record with no connection yet, for a slot already taken."""
+        return _ConnectionRecord(self, connect=False)
 
     def take_slot(self) -> bool:
         """Claim a free connection slot for a new connection, if there is one."""
@@ -876,6 +891,12 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
         then drop the idle connections while the loop can still close them."""
         await self._upkeep.halt()
         await self._cleanup.finish()
+        # The driver's own tasks that the loop's cancel-all started (asyncpg
+        # sends a cancelled query's CancelRequest from a task) get to finish,
+        # bounded, instead of being destroyed pending when the loop closes.
+        stragglers = self._driver.own_tasks(asyncio.all_tasks())
+        if stragglers:
+            await asyncio.wait(stragglers, timeout=self._state.config.cleanup_timeout)
         dropped = self.invalidate_idle(OwnerLoopClosed(f"pool {self.name!r}: owner loop closed"))
         if dropped:
             logger.debug(

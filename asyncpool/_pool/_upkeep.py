@@ -32,6 +32,7 @@ import contextlib
 import logging
 import random
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -77,7 +78,10 @@ class Upkeep:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._work: asyncio.Task[None] | None = None
-        self._stopped = False
+        self._stopped = False  # for good: drain, dispose
+        self._halted = False  # until a loop adopts the pool again
+        # Records the work holds (out of the idle queue, or new ones with a slot).
+        self._held: set[ConnectionPoolEntry] = set()
         # (bucket start, fewest idle connections seen in it)
         self._lows: collections.deque[tuple[float, int]] = collections.deque()
         self._bucket_started = 0.0
@@ -105,6 +109,7 @@ class Upkeep:
         if self._stopped or (self._loop is loop and self.running):
             return
         self._loop = loop
+        self._halted = False
         self._work = None
         self._bucket_started = time.monotonic()
         self._lows.clear()
@@ -114,6 +119,20 @@ class Upkeep:
         """Stop for good (drain, dispose); the work in flight, if any, is
         cancelled and returned so that an async caller can await it."""
         self._stopped = True
+        return self._cancel()
+
+    async def halt(self) -> None:
+        """The owner loop is ending: stop until a loop adopts the pool again."""
+        self._halted = True
+        work = self._cancel()
+        if work is not None:
+            try:
+                await work
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+
+    def _cancel(self) -> asyncio.Task[None] | None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -123,61 +142,83 @@ class Upkeep:
             return work
         return None
 
-    async def halt(self) -> None:
-        """The owner loop is ending: stop until a loop adopts the pool again."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        work, self._work = self._work, None
-        if work is not None and not work.done():
-            work.cancel()
-            try:
-                await work
-            except asyncio.CancelledError:
-                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise
-
     def forget_dead_loop(self) -> None:
-        """The owner loop is closed: its timer and task went with it."""
+        """The owner loop is closed (or, after a fork, another process's): its
+        timer and task are gone. What they held goes back without I/O: the
+        records (their connections let go of) with their slots."""
         self._timer = None
         self._work = None
         self._loop = None
+        pool = self._pool
+        held, self._held = self._held, set()
+        for rec in held:
+            if rec.dbapi_connection is not None:
+                rec.invalidate(IdleDropped(f"pool {pool.name!r}: owner loop closed", "loop_closed"))
+            pool.park(rec)
 
     def _schedule(self, delay: float) -> None:
         assert self._loop is not None
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_later(max(delay, 0.0), self._tick)
+        # A weak reference: a pool whose engine was dropped can be collected.
+        self._timer = self._loop.call_later(max(delay, 0.0), _tick, weakref.ref(self))
 
     # ------------------------------------------------------------------ tick
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
         self._timer = None
         pool = self._pool
-        if self._stopped or not pool.accepts_returns() or self._work is not None:
+        if self._stopped or self._halted or not pool.accepts_returns() or self._work is not None:
             return
-        config = pool.state.config
         now = time.monotonic()
+        try:
+            started = self._tick_once(now)
+        except Exception:
+            logger.exception("pool %r: maintenance failed; it goes on", pool.name)
+            started = False
+        if not started:
+            self._schedule(self._next_due(now) - now)
+
+    def _tick_once(self, now: float) -> bool:
+        """The no-I/O part; True when a work task was started for the rest."""
+        pool = self._pool
+        config = pool.state.config
         self._note_low_water(now)
         if config.idle_timeout is not None:
             self._close_unneeded(now, config.idle_timeout)
         jobs = self._due_jobs(now)
-        if jobs or (self._missing() and now >= self._retry_at):
-            assert self._loop is not None
-            self._work = self._loop.create_task(
-                self._run(jobs), name=f"asyncpool upkeep of pool {pool.name!r}"
-            )
-            self._work.add_done_callback(self._work_done)
-            return
-        self._schedule(self._next_due(now) - now)
+        if not jobs and not (self._missing() and now >= self._retry_at):
+            return False
+        assert self._loop is not None
+        self._work = self._loop.create_task(
+            self._run(jobs), name=f"asyncpool upkeep of pool {pool.name!r}"
+        )
+        self._work.add_done_callback(self._work_done)
+        return True
 
     def _work_done(self, task: asyncio.Task[None]) -> None:
         if self._work is task:
             self._work = None
         if not task.cancelled() and task.exception() is not None:
             logger.error("pool %r: maintenance failed", self._pool.name, exc_info=task.exception())
-        if not self._stopped and self._loop is not None and not self._loop.is_closed():
-            self._schedule(0.0 if self._work is None and self._missing_now() else HEARTBEAT)
+        if self._stopped or self._halted or self._loop is None or self._loop.is_closed():
+            return
+        self._schedule(0.0 if self._work is None and self._missing_now() else HEARTBEAT)
+
+    # ------------------------------------------- records and slots it holds
+
+    def _take(self, rec: ConnectionPoolEntry) -> bool:
+        """Take an idle record out of the queue (it counts as in use); False if gone."""
+        try:
+            self._pool._idle.remove(rec)
+        except ValueError:
+            return False  # checked out meanwhile
+        self._held.add(rec)
+        return True
+
+    def _give(self, rec: ConnectionPoolEntry) -> None:
+        self._held.discard(rec)
+        self._pool.park(rec)
 
     def _note_low_water(self, now: float) -> None:
         pool = self._pool
@@ -208,8 +249,14 @@ class Upkeep:
             if rec.dbapi_connection is None:
                 continue
             idle.remove(rec)
-            pool.close_record(rec)
             closed += 1
+            try:
+                pool.close_record(rec)  # the slot comes free whatever happens
+            except Exception:
+                logger.exception("pool %r: closing an unneeded connection failed", pool.name)
+                connection: Any = rec.dbapi_connection
+                if connection is not None:
+                    pool.driver.abort(connection.driver_connection)
         if closed:
             pool.state.counters.idle_closes += closed
             # Those were the unneeded ones: the window's marks drop with them.
@@ -284,11 +331,12 @@ class Upkeep:
         pool = self._pool
         driver = pool.driver
         timeout = pool.state.config.pre_ping_timeout
-        taken = [rec for rec in tuple(pool._idle) if rec.dbapi_connection is not None]
-        for rec in taken:
-            pool._idle.remove(rec)
 
         async def check(rec: ConnectionPoolEntry) -> bool:
+            # Taken here, not up front: a check cancelled before it starts
+            # leaves its record in the queue.
+            if rec.dbapi_connection is None or not self._take(rec):
+                return False
             connection: Any = rec.dbapi_connection
             try:
                 if driver.unsettled(connection.driver_connection):
@@ -300,13 +348,13 @@ class Upkeep:
                 return True
             except BaseException:
                 rec.invalidate()
-                pool.park(rec)
+                self._give(rec)
                 raise
             pool.note_parked(rec)
-            pool.park(rec)
+            self._give(rec)
             return False
 
-        replaced = await asyncio.gather(*(check(rec) for rec in taken))
+        replaced = await asyncio.gather(*(check(rec) for rec in tuple(pool._idle)))
         return sum(replaced)
 
     async def _run(self, jobs: list[tuple[str, ConnectionPoolEntry]]) -> None:
@@ -314,9 +362,8 @@ class Upkeep:
         for kind, rec in jobs:
             if not pool.accepts_returns():
                 return
-            if rec not in pool._idle or rec.dbapi_connection is None:
+            if rec.dbapi_connection is None or not self._take(rec):
                 continue  # checked out meanwhile
-            pool._idle.remove(rec)
             if kind == "recycle":
                 await self._replace(rec)
             elif kind == "revive":
@@ -332,7 +379,10 @@ class Upkeep:
         pool = self._pool
         pool.state.counters.recycles += 1
         pool.state.counters.background_recycles += 1
-        rec.close()
+        try:
+            rec.close()
+        except Exception:
+            logger.exception("pool %r: closing a connection past its lifetime failed", pool.name)
         await self._reconnect(rec)
 
     async def _keepalive(self, rec: ConnectionPoolEntry) -> None:
@@ -349,25 +399,29 @@ class Upkeep:
                 f"keepalive failed on pool {pool.name!r}: {type(exc).__name__}", "keepalive"
             )
             failure.__cause__ = exc
-            logger.info(
-                "pool %r: an idle connection failed its keepalive ping (%s)", pool.name, exc
-            )
+            logger.info("pool %r: an idle connection failed its keepalive (%s)", pool.name, exc)
             rec.invalidate(failure)
             await self._reconnect(rec)
             return
         except BaseException:
             rec.invalidate()
-            pool.park(rec)
+            self._give(rec)
             raise
         pool.note_parked(rec)
-        pool.park(rec)
+        self._give(rec)
 
     async def _reconnect(self, rec: ConnectionPoolEntry) -> bool:
-        """Open a connection into an empty record, then hand it back; an
-        empty record goes back too (its slot stays; checkout or refill retries)."""
+        """Open a connection into an empty record it holds, then hand it back; an
+        empty record goes back too (its slot stays; checkout or refill retries).
+        A connect cut short (an error, or the loop's cancel-all) may have left
+        a half-set-up connection in the record: it is closed, never handed out."""
         try:
             await greenlet_spawn(_refill, rec)
-        except Exception as exc:
+        except BaseException as exc:
+            if rec.dbapi_connection is not None:
+                rec.invalidate()
+            if not isinstance(exc, Exception):
+                raise
             self._failed(exc)
             return False
         else:
@@ -375,7 +429,7 @@ class Upkeep:
             self._pool.note_parked(rec)
             return True
         finally:
-            self._pool.park(rec)
+            self._give(rec)
 
     async def _refill(self) -> None:
         pool = self._pool
@@ -383,24 +437,15 @@ class Upkeep:
         while self._missing() and pool.accepts_returns() and time.monotonic() >= self._retry_at:
             shell = next((rec for rec in pool._idle if rec.dbapi_connection is None), None)
             if shell is not None:
-                pool._idle.remove(shell)
-                if not await self._reconnect(shell):
-                    return
+                if not self._take(shell):
+                    continue
             elif pool.take_slot():
-                try:
-                    rec = await greenlet_spawn(pool._create_connection)
-                except Exception as exc:
-                    pool.release_slot()
-                    self._failed(exc)
-                    return
-                except BaseException:
-                    pool.release_slot()
-                    raise
-                self._succeeded()
-                pool.note_parked(rec)
-                pool.park(rec)
+                shell = pool.empty_record()  # holds the slot from now on
+                self._held.add(shell)
             else:
                 return  # every slot is taken
+            if not await self._reconnect(shell):
+                return
             counters.refills += 1
 
     def _failed(self, error: BaseException) -> None:
@@ -432,6 +477,12 @@ class Upkeep:
             )
         self._failures = 0
         self._retry_at = 0.0
+
+
+def _tick(upkeep: weakref.ref[Upkeep]) -> None:
+    alive = upkeep()
+    if alive is not None:
+        alive.tick()
 
 
 def _refill(rec: ConnectionPoolEntry) -> ConnectionPoolEntry:

@@ -75,6 +75,7 @@ class _Driver:
         self.resolved: collections.deque[tuple[float, float]] = collections.deque()
         self.arrived: collections.deque[float] = collections.deque()
         self.totals: collections.Counter[str] = collections.Counter()
+        self.connects_before = statistics(engine).connects  # a warm-up's, if any
 
     def now(self) -> float:
         return self.loop.time() - self.start
@@ -202,6 +203,7 @@ class _Driver:
             overflow=stats.overflow,
             waiting=stats.waiting,
             size=stats.size,
+            connects=stats.connects - self.connects_before,
             wait_p50=quantile(waits, 0.50),
             wait_p99=quantile(waits, 0.99),
             wait_max=waits[-1] if waits else None,

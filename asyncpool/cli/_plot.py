@@ -108,6 +108,7 @@ def _panels(run: Run) -> list[_Panel]:
         [
             _Line("in use", col("checked_out"), "#2ca02c"),
             _Line("open", col("size"), "#17becf", dash=True),
+            _Line("opened so far", col("connects"), "#ff7f0e", dash=True),
         ],
         [
             _Limit("pool_size", cfg.pool_size, "#555555", "dash"),

@@ -128,6 +128,8 @@ def summary_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
             ],
         ),
         row("peak connections open", [str(s.peak_open) for s in summaries]),
+        row("connections opened", [str(s.connects) for s in summaries]),
+        row("open at the end", [str(s.open_at_end) for s in summaries]),
         row("peak waiting", [str(s.peak_waiting) for s in summaries]),
         row("mean hold", [fmt_seconds(s.hold_mean) for s in summaries]),
     ]

@@ -53,6 +53,7 @@ class Sample:
     overflow: int
     waiting: int
     size: int
+    connects: int  # connections opened so far in this run (the pool's, background ones too)
     wait_p50: float | None  # over checkouts resolved in the last second
     wait_p99: float | None
     wait_max: float | None
@@ -95,6 +96,8 @@ class Summary:
     hold_mean: float | None
     peak_in_use: int
     peak_open: int
+    connects: int
+    open_at_end: int
     peak_waiting: int
 
     @classmethod
@@ -116,6 +119,8 @@ class Summary:
             hold_mean=sum(holds) / len(holds) if holds else None,
             peak_in_use=peak_in_use(run.requests),
             peak_open=max((s.size for s in run.samples), default=0),
+            connects=run.samples[-1].connects if run.samples else 0,
+            open_at_end=run.samples[-1].size if run.samples else 0,
             peak_waiting=max((s.waiting for s in run.samples), default=0),
         )
 

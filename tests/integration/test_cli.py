@@ -75,6 +75,11 @@ def test_simulate_writes_the_json_series_and_a_png_and_an_html_chart(
     )
     assert summary["served"] > 0 and summary["peak_in_use"] <= 5
     assert summary["wait_p50"] <= summary["wait_p99"] <= summary["wait_max"]
+    # Connections opened: no more than were ever open at once (they linger
+    # idle_timeout instead of churning), and the count is in the table.
+    assert 1 <= summary["connects"] <= summary["peak_open"]
+    assert samples["connects"] == sorted(samples["connects"])
+    assert "connections opened" in out and "open at the end" in out
 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 30_000  # four rows of lines, not an empty canvas

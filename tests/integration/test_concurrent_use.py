@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy.exc
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session as SyncSession
 
 from asyncpool import (
     AsyncPoolError,
@@ -142,3 +143,42 @@ async def test_one_session_per_task_does_the_same_work(
     assert await asyncio.gather(run(SLOW), run(text("SELECT 1"))) == [None, 1]
     assert statistics(engine).checked_out == 0
     await server_is_clean(database, app_name, bound=2)
+
+
+# SQLAlchemy warns when the rollback finds its transaction already ending.
+@pytest.mark.filterwarnings("ignore:transaction already deassociated")
+async def test_a_commit_racing_a_rollback_leaves_no_phantom_transaction(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    engine = make_engine(pool_size=1, max_overflow=0)
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+        results = await asyncio.gather(conn.commit(), conn.rollback(), return_exceptions=True)
+        assert results[0] is None and isinstance(results[1], ConcurrentUseError)
+        # The block is over on the server; the next one begins as any would.
+        assert (await conn.execute(text("SELECT 3"))).scalar_one() == 3
+        await conn.commit()
+    assert statistics(engine).cleanups == 0  # given back clean, nothing to put in order
+    await server_is_clean(database, app_name, bound=1)
+
+
+async def test_a_statement_from_after_begin_gets_sqlalchemys_error_at_once(
+    make_engine: EngineFactory,
+) -> None:
+    """The task connecting the session is not a second task: no waiting for itself."""
+    engine = make_engine(pool_size=1, max_overflow=0, detect_concurrent_use=True)
+
+    def set_local(session: Any, transaction: Any, connection: Any) -> None:
+        session.execute(text("SELECT set_config('app.tenant', '42', true)"))
+
+    class TenantSession(SyncSession):
+        pass
+
+    event.listen(TenantSession, "after_begin", set_local)
+    Session = async_sessionmaker(engine, sync_session_class=TenantSession)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(sqlalchemy.exc.InvalidRequestError, match="provisioning") as caught:
+        async with Session() as session:
+            await session.execute(text("SELECT 1"))
+    assert not isinstance(caught.value, ConcurrentUseError)
+    assert asyncio.get_running_loop().time() - started < 1.0

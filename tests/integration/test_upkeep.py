@@ -10,9 +10,11 @@ at the pool's own events, never at a checkout.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import time
+import weakref
 
 import pytest
 from sqlalchemy import event, text
@@ -22,6 +24,7 @@ import asyncpool
 from asyncpool import ConfigurationError, statistics
 from asyncpool.engine import pool_of
 from tests.fix_db import EngineFactory, TestDatabase, wait_for_async, wait_until
+from tests.fix_loops import run
 
 
 async def backend_pids(database: TestDatabase, app_name: str) -> set[int]:
@@ -266,3 +269,77 @@ async def test_resize_grows_for_waiters_at_once_and_shrinks_as_connections_retur
         asyncpool.resize(engine, pool_size=0)
     with pytest.raises(ConfigurationError, match="max_overflow"):
         asyncpool.resize(engine, max_overflow=-2)
+
+
+# ------------------------------------------------ found by review (each a regression)
+
+
+def test_asyncio_run_per_job_with_min_idle_leaks_no_slot_and_prints_nothing(
+    database: TestDatabase, app_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loop that ends while the maintenance is mid-refill: what it held comes
+    back, and asyncpg's CancelRequest tasks finish before the loop closes."""
+    engine = asyncpool.create_pooled_engine(
+        database.url, pool_size=4, max_overflow=0, min_idle=4, name=app_name
+    )
+    pool = pool_of(engine)
+
+    async def job() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    for _ in range(6):
+        run(job())  # asyncio.run, or uvloop.run on the uvloop pass
+        gc.collect()  # an unclosed connection shows as a ResourceWarning when collected
+        assert pool.checkedout() == 0  # nothing lent, nothing held by the maintenance
+    run(engine.dispose())
+    gc.collect()
+    assert "destroyed but it is pending" not in caplog.text
+    assert statistics(engine).size == 0
+
+
+async def test_a_cancelled_check_idle_gives_every_connection_back(
+    make_engine: EngineFactory,
+) -> None:
+    engine = make_engine(pool_size=3, max_overflow=0, keepalive_interval=None)
+    await warm(engine, 3)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0):
+            await asyncpool.check_idle(engine)
+    stats = statistics(engine)
+    assert (stats.idle, stats.checked_out) == (3, 0)
+    assert len(await hold(engine, 3)) == 3
+
+
+# Dropped without dispose(): asyncpg warns about the connections the collector closes.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_dropped_engine_is_collected_while_its_loop_runs(
+    database: TestDatabase, app_name: str
+) -> None:
+    engine = asyncpool.create_pooled_engine(database.url, pool_size=2, name=app_name)
+    await warm(engine, 2)
+    pool = weakref.ref(pool_of(engine))
+    del engine
+    gc.collect()
+    assert pool() is None  # its maintenance timer held only a weak reference
+
+
+async def test_a_failing_close_listener_does_not_stop_the_maintenance(
+    make_engine: EngineFactory, database: TestDatabase, app_name: str
+) -> None:
+    engine = make_engine(pool_size=2, max_overflow=2, idle_timeout=0.5, keepalive_interval=1.0)
+    failed = []
+
+    @event.listens_for(engine.sync_engine, "close")
+    def fail_once(*_: object) -> None:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("a close listener failed")
+
+    await warm(engine, 4)
+    await wait_until(lambda: statistics(engine).idle_closes == 2, what="2 idle closes")
+    assert failed and pool_of(engine).upkeep.running
+    await database.terminate(app_name)
+    await wait_for_async(lambda: _count_is(database, app_name, 2), what="2 backends revived")
+    assert statistics(engine).checked_out == 0

@@ -255,7 +255,7 @@ def _run_with_sample(waiting: int, timed_out: int) -> tuple[Run, Sample]:
         rate=8, before=3, spike_rate=120, spike=6, after=3
     ))  # fmt: skip
     sample = Sample(
-        t=5.0, offered=120, arrival_rate=118, checked_out=5, idle=0, overflow=0,
+        t=5.0, offered=120, arrival_rate=118, checked_out=5, idle=0, overflow=0, connects=5,
         waiting=waiting, size=5, wait_p50=0.8, wait_p99=1.4, wait_max=1.5, oldest_waiter=1.6,
         served=300, timed_out=timed_out, rejected=0, errors=0, in_flight=waiting + 5,
     )  # fmt: skip

@@ -36,6 +36,8 @@ CASES: dict[str, tuple[list[object], object]] = {
     "idle_timeout": ([0, -1, math.inf, "10"], None),
     "recycle_jitter": ([-0.1, 0.6, math.nan, None, "0.2"], 0.0),
     "keepalive_interval": ([0, -1, math.inf], None),
+    "pool_per_loop": ([1, "true", None], True),
+    "max_loops": ([0, 1025, 2.0, None, True], 4),
 }
 
 

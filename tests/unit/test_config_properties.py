@@ -101,6 +101,8 @@ VALID: Final[dict[str, Any]] = {
     "idle_timeout": seconds(zero=False, optional=True),
     "recycle_jitter": lambda v: is_number(v) and math.isfinite(v) and 0 <= v <= 0.5,
     "keepalive_interval": seconds(zero=False, optional=True),
+    "pool_per_loop": boolean,
+    "max_loops": integer(1, 1024),
 }
 
 
