@@ -1,7 +1,9 @@
 """Classify database errors: which mean the connection (or the server) is gone.
 
-SQLAlchemy wraps asyncpg's exceptions; the SQLSTATE sits on the driver
-exception somewhere along ``orig`` / ``__cause__``. The labels returned here
+SQLAlchemy wraps asyncpg's and psycopg's exceptions; the SQLSTATE sits on
+the driver exception somewhere along ``orig`` / ``__cause__`` (``sqlstate``
+on both). A lost connection carries no SQLSTATE: asyncpg names it with its
+class, psycopg with an ``OperationalError`` message. The labels returned here
 are stable strings used in metrics and in ``invalidations_by_reason``.
 """
 
@@ -108,6 +110,8 @@ def _label(run: list[BaseException]) -> str | None:
     if code is not None:
         if code in _SQLSTATE_LABELS:
             return _SQLSTATE_LABELS[code]
+        if code == "57014" and any("statement timeout" in str(c) for c in run):
+            return "statement_timeout"  # command_timeout on psycopg (the server's)
         if code.startswith("08"):
             return "connection_exception"
         return f"sqlstate_{code}"
@@ -117,6 +121,10 @@ def _label(run: list[BaseException]) -> str | None:
             return "connection_closed"
         if name == "InterfaceError" and "closed" in str(current):
             return "connection_closed"
+        if name == "OperationalError" and _psycopg_lost(current):
+            return "connection_closed"
+        if name in {"ConnectionTimeout", "CancellationTimeout"}:
+            return "timeout"  # psycopg's, not TimeoutError subclasses
         if name == "InternalClientError":
             # asyncpg's protocol lost its place ("cannot switch to state 11;
             # another operation (2) is in progress"), e.g. a FATAL error from a
@@ -129,6 +137,13 @@ def _label(run: list[BaseException]) -> str | None:
         if isinstance(current, ConnectionError | EOFError):
             return "connection_closed"
     return None
+
+
+def _psycopg_lost(exc: BaseException) -> bool:
+    from ._drivers._psycopg import CLOSED_MESSAGES
+
+    text = str(exc).lower()
+    return any(message in text for message in CLOSED_MESSAGES)
 
 
 def is_disconnect(exc: BaseException) -> bool:

@@ -107,6 +107,11 @@ SUPPORTED_PARAMETERS: Final = (
     *_DIALECT_PARAMETERS,
 )
 
+#: For psycopg: libpq's names only (asyncpg's statement-cache ones do not apply).
+PSYCOPG_PARAMETERS: Final = tuple(
+    p for p in SUPPORTED_PARAMETERS if p not in (*_DRIVER_INTEGERS, "prepared_statement_cache_size")
+)
+
 
 def is_secret_parameter(name: str) -> bool:
     """Whether a URL query parameter of this name carries a secret."""
@@ -182,20 +187,23 @@ class UrlOptions:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def translate_query(url: URL) -> tuple[URL, UrlOptions]:
+def translate_query(url: URL, driver: str = "asyncpg") -> tuple[URL, UrlOptions]:
     """The URL without the parameters asyncpool translates, and what they became.
 
-    Raises ``ConfigurationError`` naming the parameter for one asyncpg would
-    refuse or misread, or whose value is out of range.
+    Raises ``ConfigurationError`` naming the parameter for one the driver
+    would refuse or misread, or whose value is out of range. psycopg takes
+    libpq's parameters as they are (TLS files, ``target_session_attrs``);
+    asyncpg's statement-cache parameters are refused for it.
     """
     query = dict(url.query)
-    unknown = sorted(set(query) - set(SUPPORTED_PARAMETERS))
+    supported = SUPPORTED_PARAMETERS if driver == "asyncpg" else PSYCOPG_PARAMETERS
+    unknown = sorted(set(query) - set(supported))
     if unknown:
         name = unknown[0]
         raise ConfigurationError(
             f"URL parameter {name!r}",
             MASK if is_secret_parameter(name) else query[name],
-            "one asyncpool translates for asyncpg: " + ", ".join(SUPPORTED_PARAMETERS),
+            f"one asyncpool translates for {driver}: " + ", ".join(supported),
         )
     values: dict[str, str] = {}
     for key, value in query.items():
@@ -222,7 +230,7 @@ def translate_query(url: URL) -> tuple[URL, UrlOptions]:
                 f"the same as the URL's {attribute} (given twice, differently)",
             )
         changes[attribute] = value
-    _translate_ssl(values, options)
+    _translate_ssl(values, options, native=driver != "asyncpg")
     _translate_timeouts(values, options)
     if "application_name" in values:
         options.settings["application_name"] = values.pop("application_name")
@@ -251,7 +259,7 @@ def translate_query(url: URL) -> tuple[URL, UrlOptions]:
     return url.set(query=kept, **changes), options
 
 
-def _translate_ssl(values: dict[str, str], options: UrlOptions) -> None:
+def _translate_ssl(values: dict[str, str], options: UrlOptions, *, native: bool) -> None:
     given: dict[str, str] = {key: values.pop(key) for key in _SSL_PARAMETERS if key in values}
     alias = values.pop(_SSL_ALIAS, None)
     if alias is not None:
@@ -270,6 +278,9 @@ def _translate_ssl(values: dict[str, str], options: UrlOptions) -> None:
         path = given.get(key)
         if path is not None and not os.path.isfile(os.path.expanduser(path)):
             raise ConfigurationError(f"URL parameter {key!r}", path, "a readable file")
+    if native:
+        options.connect_args.update(given)  # libpq's own parameters
+        return
     if mode == "disable" and len(given) == 1:
         options.connect_args["ssl"] = False
         return

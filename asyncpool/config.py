@@ -47,6 +47,7 @@ OTHER_VARIABLES: Final[dict[str, str]] = {
         "0 turns off the telemetry fast path for the wait and use histograms"
     ),
     "ASYNCPOOL_TEST_DSN": "the test suite's PostgreSQL (else an embedded one)",
+    "ASYNCPOOL_TEST_DRIVER": "the test suite's driver: asyncpg (default) or psycopg",
 }
 _NOT_SETTINGS: Final = frozenset(name.removeprefix("ASYNCPOOL_") for name in OTHER_VARIABLES)
 

@@ -2,8 +2,9 @@
 
 The result is a genuine ``sqlalchemy.ext.asyncio.AsyncEngine``, so sessions,
 ``async_sessionmaker`` and all SQLAlchemy code work unchanged. What changes is
-the pool underneath (fair, bounded, observable) and the asyncpg connection
-settings (timeouts, ``application_name``).
+the pool underneath (fair, bounded, observable) and the driver's connection
+settings (timeouts, ``application_name``): asyncpg (``postgresql://``,
+``postgresql+asyncpg://``) or psycopg 3 (``postgresql+psycopg://``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -30,7 +32,14 @@ __all__ = ["create_pooled_engine", "parse_url", "pool_of", "redact_url"]
 
 #: Driver names accepted as they are, and the ones upgraded to asyncpg.
 _ASYNCPG: Final = "postgresql+asyncpg"
+_PSYCOPG: Final = "postgresql+psycopg"
 _PLAIN_POSTGRES: Final = frozenset({"postgresql", "postgres"})
+#: Other spellings of the two drivers.
+_ALIASES: Final = {
+    "postgres+asyncpg": _ASYNCPG,
+    "postgres+psycopg": _PSYCOPG,
+    "postgresql+psycopg_async": _PSYCOPG,
+}
 
 #: create_async_engine options that asyncpool owns; setting them would undo it.
 _RESERVED_ENGINE_OPTIONS: Final = frozenset(
@@ -74,7 +83,7 @@ def create_pooled_engine(
     at or below it. The URL must not carry a password then.
 
     Raises ``ConfigurationError`` before any connection is opened when a
-    setting is invalid or the URL is not PostgreSQL on asyncpg.
+    setting is invalid or the URL is not PostgreSQL on asyncpg or psycopg.
     """
     config = config if config is not None else PoolConfig()
     if not isinstance(config, PoolConfig):
@@ -157,9 +166,21 @@ def connect_args_for(
     url: URL,
     url_options: UrlOptions | None = None,
 ) -> dict[str, Any]:
-    """asyncpg connect arguments for ``config``: timeouts, ``application_name``,
+    """The driver's connect arguments for ``config``: timeouts, ``application_name``,
     what the URL's libpq parameters became, pooler. ``connect_args`` win over the URL."""
     from_url = url_options or UrlOptions()
+    if url.drivername == _PSYCOPG:
+        from ._drivers._psycopg import connect_args as psycopg_args
+
+        return psycopg_args(
+            {**from_url.connect_args, **given},
+            application_name=config.application_name or name,
+            connect_timeout=config.connect_timeout,
+            command_timeout=config.command_timeout,
+            server_settings=from_url.server_settings,
+            pgbouncer=config.pooler == "pgbouncer",
+            name=name,
+        )
     if config.pooler == "pgbouncer":
         for key in ("statement_cache_size",):
             value = from_url.connect_args.get(key)
@@ -200,9 +221,10 @@ def _asyncpg_url(url: str | URL) -> URL:
 
 
 def parse_url(url: str | URL) -> tuple[URL, UrlOptions]:
-    """The URL checked and on asyncpg, without the libpq parameters asyncpool
-    translates, and what they became. ``ConfigurationError`` for anything
-    asyncpg would refuse, with the URL redacted."""
+    """The URL checked, on asyncpg (``postgresql://``) or psycopg, without the
+    libpq parameters asyncpool translates, and what they became.
+    ``ConfigurationError`` for anything the driver would refuse, with the URL
+    redacted."""
     if not isinstance(url, str | URL):
         raise ConfigurationError("url", type(url).__name__, "a database URL string or URL")
     try:
@@ -217,26 +239,29 @@ def parse_url(url: str | URL) -> tuple[URL, UrlOptions]:
         ) from None
     if parsed.drivername in _PLAIN_POSTGRES:
         parsed = parsed.set(drivername=_ASYNCPG)
-    if parsed.drivername != _ASYNCPG:
+    parsed = parsed.set(drivername=_ALIASES.get(parsed.drivername, parsed.drivername))
+    if parsed.drivername not in (_ASYNCPG, _PSYCOPG):
         raise ConfigurationError(
             "url",
             redact_url(parsed),
-            "a PostgreSQL URL on the asyncpg driver (postgresql+asyncpg://...)",
+            "a PostgreSQL URL on the asyncpg or psycopg driver "
+            "(postgresql+asyncpg://... or postgresql+psycopg://...)",
         )
+    driver = parsed.get_driver_name()
     try:
         port = parsed.port
     except ValueError:
         raise ConfigurationError("url", redact_url(parsed), "a URL with a numeric port") from None
     if port is not None and not 0 < port < 65536:
         raise ConfigurationError("url", redact_url(parsed), "a URL with a port from 1 to 65535")
-    translated, url_options = translate_query(parsed)
+    translated, url_options = translate_query(parsed, driver)
     try:
         # What create_async_engine does with the URL (several hosts): refuse
         # now, as a ConfigurationError, what it would refuse.
-        dialect: Any = PGDialect_asyncpg
+        dialect: Any = PGDialect_asyncpg if driver == "asyncpg" else PGDialect_psycopg
         dialect().create_connect_args(translated)
     except (ArgumentError, ValueError, TypeError) as exc:
         raise ConfigurationError(
-            "url", redact_url(parsed), f"a URL asyncpg accepts ({scrub(str(exc), [parsed])})"
+            "url", redact_url(parsed), f"a URL {driver} accepts ({scrub(str(exc), [parsed])})"
         ) from None
     return translated, url_options

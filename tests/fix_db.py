@@ -1,5 +1,10 @@
 """The test database: ``ASYNCPOOL_TEST_DSN`` when set, else an embedded PostgreSQL.
 
+``ASYNCPOOL_TEST_DRIVER=psycopg`` puts ``database.url`` (what the tests'
+engines use) on psycopg 3; the admin helpers stay on asyncpg. Tests of
+asyncpg-only behaviour carry ``@pytest.mark.asyncpg_only`` and the psycopg
+pass deselects them (``-m "not asyncpg_only"``).
+
 Loaded as a pytest plugin (``-p tests.fix_db``). The embedded server is
 started once per test session and removed at the end.
 """
@@ -21,6 +26,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import asyncpool
 from asyncpool.embedded import EmbeddedPostgres
 
+#: The driver the tests' engines use: asyncpg (default) or psycopg.
+DRIVER = os.environ.get("ASYNCPOOL_TEST_DRIVER", "asyncpg")
+if DRIVER not in ("asyncpg", "psycopg"):
+    raise RuntimeError(f"ASYNCPOOL_TEST_DRIVER={DRIVER!r}: asyncpg or psycopg")
+
 
 class TestDatabase:
     """A reachable PostgreSQL and a few admin helpers that use their own connections."""
@@ -30,7 +40,8 @@ class TestDatabase:
     def __init__(self, dsn: str, server: EmbeddedPostgres | None) -> None:
         url = make_url(dsn)
         self.dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
-        self.url = url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+        self.driver = DRIVER
+        self.url = url.set(drivername=f"postgresql+{DRIVER}").render_as_string(hide_password=False)
         self.server = server
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -101,7 +112,9 @@ def database() -> Iterator[TestDatabase]:
 @pytest.fixture
 def app_name(request: pytest.FixtureRequest) -> str:
     """An application_name unique to the test, to find its backends."""
-    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
+    # The driver is part of it: a psycopg pass may run beside an asyncpg one.
+    key = request.node.nodeid if DRIVER == "asyncpg" else f"{request.node.nodeid}@{DRIVER}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return f"ap-{digest}"
 
 

@@ -3,7 +3,7 @@
 The pool never names a driver's private attributes: it asks its ``Driver``
 whether a connection is settled, how to abort it without a round trip, how
 to drop it without any I/O in a forked child, how to stop its statement on
-the server, and how to ping it. A second driver is one more module here.
+the server, and how to ping it. ``_asyncpg`` and ``_psycopg`` are the two today.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class Driver(Protocol):
     """The operations the pool needs from a driver; ``conn`` is the driver's connection."""
 
     name: str
+
+    def connected(self, conn: Any) -> None:
+        """A new connection, on the running loop (before anyone uses it)."""
 
     def state(self, conn: Any) -> ConnectionState:
         """Cheap, no I/O: called at every give-back."""
@@ -100,7 +103,11 @@ class Driver(Protocol):
 
 
 def driver_for(dialect: Any) -> Driver:
-    """The driver behind a SQLAlchemy dialect (asyncpg today)."""
+    """The driver behind a SQLAlchemy dialect: psycopg (3) or asyncpg."""
+    if getattr(dialect, "driver", None) == "psycopg":
+        from ._psycopg import PSYCOPG
+
+        return PSYCOPG
     from ._asyncpg import ASYNCPG
 
     return ASYNCPG

@@ -52,6 +52,9 @@ _CLOSED: Final = ConnectionState.CLOSED
 class _Asyncpg:
     name = "asyncpg"
 
+    def connected(self, conn: Any) -> None:
+        return None  # asyncpg keeps its loop (conn._loop)
+
     def state(self, conn: Any) -> ConnectionState:
         protocol = conn._protocol
         if protocol is None or conn._aborted or not protocol.is_connected():

@@ -727,6 +727,7 @@ class FairAsyncPool(AsyncAdaptedQueuePool):
             started = time.perf_counter()
             try:
                 connection: DBAPIConnection = invoke(record)
+                self._driver.connected(connection.driver_connection)
                 if self._session_settings:
                     self._apply_session_settings(connection)
             except BaseException as exc:

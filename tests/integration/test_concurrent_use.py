@@ -140,7 +140,8 @@ async def test_one_session_per_task_does_the_same_work(
         async with Session() as session:
             return (await session.execute(statement)).scalar_one()
 
-    assert await asyncio.gather(run(SLOW), run(text("SELECT 1"))) == [None, 1]
+    slow, one = await asyncio.gather(run(SLOW), run(text("SELECT 1")))
+    assert (slow in (None, ""), one) == (True, 1)  # pg_sleep's void: '' on psycopg
     assert statistics(engine).checked_out == 0
     await server_is_clean(database, app_name, bound=2)
 

@@ -235,6 +235,7 @@ async def test_a_burst_of_read_only_errors_asks_the_server_once(
     await wait_for_async(only_the_pooled_backends_are_left, what="the asking backend to end")
 
 
+@pytest.mark.asyncpg_only  # psycopg: psycopg's connect_timeout is whole seconds, at least 2
 async def test_asking_a_black_holed_server_whether_it_is_read_only_is_bounded(
     make_engine: EngineFactory,
     database: TestDatabase,
@@ -273,6 +274,7 @@ async def test_asking_a_black_holed_server_whether_it_is_read_only_is_bounded(
 # ---------------------------------------------------------- network faults
 
 
+@pytest.mark.asyncpg_only  # psycopg: psycopg's connect_timeout is whole seconds, at least 2
 async def test_black_holed_checkout_gives_up_within_its_timeouts_and_the_pool_recovers(
     make_engine: EngineFactory, database: TestDatabase, fault_proxy: FaultProxy
 ) -> None:
@@ -311,6 +313,7 @@ async def test_black_holed_checkout_gives_up_within_its_timeouts_and_the_pool_re
     assert statistics(engine).checked_out == 0
 
 
+@pytest.mark.asyncpg_only  # psycopg: command_timeout is statement_timeout (server-side)
 async def test_black_holed_query_fails_after_command_timeout_and_the_pool_recovers(
     make_engine: EngineFactory, database: TestDatabase, fault_proxy: FaultProxy
 ) -> None:

@@ -146,6 +146,7 @@ async def test_unavailable_wins_over_saturated(
     assert (status, body["status"]) == (503, "unavailable")
 
 
+@pytest.mark.asyncpg_only  # psycopg: reads asyncpg's connect arguments (server_settings)
 async def test_probe_connection_is_closed_and_never_touches_the_pool(
     make_engine: EngineFactory, database: TestDatabase, app_name: str
 ) -> None:

@@ -39,6 +39,7 @@ async def test_pool_dispose_closes_the_idle_connections_and_keeps_pooling(
     assert (stats.checked_out, stats.idle, stats.connects) == (0, 1, 2)
 
 
+@pytest.mark.asyncpg_only  # psycopg: passes asyncpg's server_settings in connect_args
 async def test_the_pool_class_used_directly_keeps_pool_pre_ping_through_recreate(
     database: TestDatabase, app_name: str
 ) -> None:
@@ -67,6 +68,7 @@ async def test_the_pool_class_used_directly_keeps_pool_pre_ping_through_recreate
             await engine.dispose()
 
 
+@pytest.mark.asyncpg_only  # psycopg: uses asyncpg's Connection.get_server_pid()
 async def test_a_connection_given_back_closed_is_not_counted_as_idle(
     make_engine: EngineFactory, database: TestDatabase, app_name: str
 ) -> None:

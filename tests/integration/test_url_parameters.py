@@ -16,6 +16,7 @@ from tests.fix_db import TestDatabase
 from tests.fix_lifespan import PASSWORD, PASSWORD_USER, PasswordServer
 
 
+@pytest.mark.asyncpg_only  # psycopg: asyncpg's statement_cache_size in the URL
 async def test_libpq_parameters_from_a_cloud_console_connect_and_take_effect(
     database: TestDatabase, app_name: str
 ) -> None:
@@ -70,6 +71,7 @@ def silent_server() -> Iterator[int]:
         listener.close()
 
 
+@pytest.mark.asyncpg_only  # psycopg: psycopg's connect_timeout is whole seconds, at least 2
 @pytest.mark.parametrize("parameter", ["timeout", "connect_timeout"])
 async def test_a_connect_timeout_in_the_url_bounds_a_connect_to_a_silent_server(
     database: TestDatabase, silent_server: int, parameter: str

@@ -73,7 +73,8 @@ DISCONNECTS = [
 NOT_DISCONNECTS = [
     (pg.UniqueViolationError("duplicate key"), "23505", "sqlstate_23505"),
     (pg.DivisionByZeroError("division by zero"), "22012", "sqlstate_22012"),
-    (pg.QueryCanceledError("statement timeout"), "57014", "sqlstate_57014"),
+    (pg.QueryCanceledError("statement timeout"), "57014", "statement_timeout"),
+    (pg.QueryCanceledError("canceling statement due to user request"), "57014", "sqlstate_57014"),
     (pg.TooManyConnectionsError("too many clients"), "53300", "sqlstate_53300"),
 ]
 

@@ -148,11 +148,11 @@ def test_from_env_value_out_of_range_names_the_setting() -> None:
     "url",
     [
         "mysql+aiomysql://app:s3cret@localhost/db",
-        "postgresql+psycopg://app:s3cret@localhost/db",
+        "postgresql+psycopg2://app:s3cret@localhost/db",
         "sqlite+aiosqlite:///x.db",
     ],
 )
-def test_engine_refuses_a_url_that_is_not_postgresql_on_asyncpg(url: str) -> None:
+def test_engine_refuses_a_url_that_is_not_postgresql_on_asyncpg_or_psycopg(url: str) -> None:
     with pytest.raises(ConfigurationError, match="asyncpg") as info:
         create_pooled_engine(url)
     assert "s3cret" not in str(info.value)

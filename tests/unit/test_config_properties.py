@@ -294,11 +294,12 @@ def test_a_bad_url_or_driver_is_a_clear_error_that_never_shows_the_password(
     except ConfigurationError as error:
         assert error.setting == "url" or error.setting.startswith("URL parameter")
         assert password not in str(error) and password not in repr(error.value)
-        if driver not in {"postgresql+asyncpg", "postgresql", "postgres", ""}:
+        if driver not in {"postgresql+asyncpg", "postgresql", "postgres", "postgresql+psycopg", ""}:
             assert "asyncpg" in str(error)
         return
-    assert driver in {"postgresql+asyncpg", "postgresql", "postgres"}
-    assert engine.url.drivername == "postgresql+asyncpg"
+    assert driver in {"postgresql+asyncpg", "postgresql", "postgres", "postgresql+psycopg"}
+    expected = "postgresql+psycopg" if driver == "postgresql+psycopg" else "postgresql+asyncpg"
+    assert engine.url.drivername == expected
     assert password not in repr(engine) and password not in repr(engine.url)
 
 
@@ -306,7 +307,7 @@ def test_a_bad_url_or_driver_is_a_clear_error_that_never_shows_the_password(
     ("url", "fragment"),
     [
         ("mysql+aiomysql://app:pw@db/app", "asyncpg"),
-        ("postgresql+psycopg://app:pw@db/app", "asyncpg"),
+        ("postgresql+psycopg2://app:pw@db/app", "asyncpg or psycopg"),
         ("sqlite+aiosqlite:///app.db", "asyncpg"),
         ("postgresql+asyncpg://app:pw@db:port/app", "host:5432"),
         ("postgresql+asyncpg://app:pw@db:70000/app", "port from 1 to 65535"),
