@@ -237,10 +237,17 @@ class _Psycopg:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    def keep_transaction(self, adapted: Any) -> None:
+    def keep_transaction(self, adapted: Any) -> object | None:
         # psycopg tracks the transaction from the server's own status:
         # nothing to restore.
         return None
+
+    def drop_kept_transaction(self, adapted: Any, kept: object) -> None:
+        return None  # nothing was kept
+
+    def own_tasks(self, tasks: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+        # psycopg cancels on the calling task (or ours): no background tasks of its own.
+        return []
 
 
 async def _simple(conn: Any, sql: str | bytes) -> None:
