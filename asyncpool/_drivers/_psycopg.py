@@ -93,6 +93,12 @@ CLOSED_MESSAGES: Final = (
     "ssl syscall error",
     "eof detected",
     "terminating connection",
+    # libpq's words for a socket that failed under it, at connect or later:
+    "connection reset",
+    "connection refused",
+    "could not receive data from server",
+    "could not send data to server",
+    "no connection to the server",
 )
 
 

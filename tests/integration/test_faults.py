@@ -77,9 +77,13 @@ async def test_killed_backends_fail_only_the_query_in_flight_and_the_next_reques
     assert failed.value.connection_invalidated
     assert is_disconnect(failed.value)
     assert [await query(engine) for _ in range(20)] == [1] * 20
+    # The three idle connections the kill ended never reached a caller: the
+    # pre-ping replaced them, or the pool's maintenance did first.
     stats = statistics(engine)
-    assert (stats.pre_ping_failures, stats.checked_out) == (3, 0)
-    assert reasons(engine) == {classify(failed.value): 1, "pre_ping": 3}
+    found = reasons(engine)
+    assert found.pop(classify(failed.value)) == 1
+    assert set(found) <= {"pre_ping", "idle_dead"} and sum(found.values()) == 3
+    assert (stats.pre_ping_failures, stats.checked_out) == (found.get("pre_ping", 0), 0)
 
 
 async def test_server_restart_fails_only_the_query_in_flight_and_the_next_requests_succeed(
