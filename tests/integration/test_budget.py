@@ -184,6 +184,7 @@ async def test_the_refused_configuration_really_runs_out_of_connections(
     assert too_many > 0
 
 
+@pytest.mark.slow  # the main pass runs it; the other passes deselect it
 async def test_a_configuration_that_fits_runs_four_processes_under_load_without_too_many_clients(
     small_server: EmbeddedPostgres, admin: asyncpg.Connection
 ) -> None:

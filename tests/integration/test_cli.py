@@ -92,6 +92,7 @@ def test_simulate_writes_the_json_series_and_a_png_and_an_html_chart(
     assert f"chart written to {png}" in out
 
 
+@pytest.mark.slow  # the main pass runs it; the other passes deselect it
 def test_seed_configurations_compared_time_out_with_5_0_and_never_with_10_20(
     database: TestDatabase, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

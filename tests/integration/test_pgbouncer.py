@@ -14,6 +14,7 @@ import multiprocessing
 import queue
 from typing import Any, Final
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -123,6 +124,7 @@ def _prepared_statement_errors(errors: dict[str, int]) -> int:
     return sum(n for message, n in errors.items() if "prepared statement" in message)
 
 
+@pytest.mark.slow  # the main pass runs it; the other passes deselect it
 async def test_four_processes_run_mixed_statements_through_pgbouncer_without_statement_errors(
     pgbouncer: PgBouncer, database: TestDatabase
 ) -> None:

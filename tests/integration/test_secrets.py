@@ -160,6 +160,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return code, stdout.getvalue() + captured.out + captured.err
 
 
+@pytest.mark.slow  # the main pass runs it; the other passes deselect it
 @pytest.mark.asyncpg_only  # psycopg: TODO(psycopg): the CLI's own server connection is asyncpg-only
 def test_no_secret_in_any_subcommand_text_json_or_chart(
     database: TestDatabase,

@@ -166,6 +166,7 @@ async def test_overflow_connections_linger_then_close_after_idle_timeout(
     assert (stats.idle, stats.idle_closes) == (2, 4)
 
 
+@pytest.mark.slow  # the main pass runs it; the other passes deselect it
 async def test_the_seed_spike_opens_what_it_needs_once_and_gives_it_back(
     make_engine: EngineFactory, database: TestDatabase, app_name: str
 ) -> None:

@@ -96,6 +96,7 @@ def advise_argv(draw: st.DrawFn) -> list[str]:
     return argv
 
 
+@pytest.mark.slow  # the main pass runs it; the other passes deselect it
 @PROPERTIES
 @given(argv=advise_argv())
 def test_advice_for_any_load_is_accepted_by_pool_config_and_simulate(argv: list[str]) -> None:
