@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 from sybil import Example, Sybil
+from sybil.integration.pytest import SybilItem
 from sybil.parsers.markdown import CodeBlockParser
 
 from tests.fix_db import TestDatabase
@@ -116,6 +117,20 @@ def docs_database_url(database: TestDatabase) -> Iterator[str]:
     else:
         os.environ["DATABASE_URL"] = saved
 
+
+def _whole_traceback_when_not_in_an_example(
+    self: SybilItem, excinfo: pytest.ExceptionInfo[BaseException]
+) -> Any:
+    """Sybil cuts tracebacks at its example module and fails (IndexError) on an
+    error raised elsewhere (a fixture, a warning turned error after the test): show it whole."""
+    try:
+        return _sybil_traceback_filter(self, excinfo)
+    except IndexError:
+        return excinfo.traceback
+
+
+_sybil_traceback_filter = SybilItem._traceback_filter
+SybilItem._traceback_filter = _whole_traceback_when_not_in_an_example  # type: ignore[method-assign]
 
 pytest_collect_file = Sybil(
     parsers=[
