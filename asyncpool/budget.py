@@ -93,6 +93,22 @@ class EngineBudget:
     def suggested_max_connections(self) -> int:
         return (self.suggested_pool_size + self.suggested_max_overflow) * self.loops
 
+    @property
+    def suggested_settings(self) -> dict[str, int]:
+        """The suggestion as settings to pass: ``PoolConfig``'s, or ``analytics_limit``.
+
+        An analytics engine has no pool (``NullPool``: ``pool_size`` 0, one
+        connection per session); ``EngineGroup(analytics_limit=...)`` bounds
+        it, so that is what is suggested for it. A pooled engine gets a
+        ``pool_size`` of at least 1, as ``PoolConfig`` requires.
+        """
+        if self.pool_size == 0:
+            return {"analytics_limit": max(self.suggested_max_overflow, 1)}
+        return {
+            "pool_size": max(self.suggested_pool_size, 1),
+            "max_overflow": self.suggested_max_overflow,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class ServerBudget:
@@ -163,7 +179,7 @@ class ServerBudget:
         if not self.suggestion_fits:
             return text_ + "; even 1 connection per engine and process does not fit"
         sizes = ", ".join(
-            f"{e.name} pool_size={e.suggested_pool_size} max_overflow={e.suggested_max_overflow}"
+            " ".join([e.name, *(f"{k}={v}" for k, v in e.suggested_settings.items())])
             for e in self.engines
         )
         total = sum(e.suggested_max_connections for e in self.engines)

@@ -47,6 +47,7 @@ from ._pool import FairAsyncPool
 from ._probe import probe_database
 from ._url import redact_url, scrub
 from ._validate import check_callable, check_int, check_seconds
+from .budget import BudgetMode
 from .errors import ConfigurationError
 from .lifespan import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -86,6 +87,8 @@ def create_lifespan(
     warm: bool = True,
     warm_timeout: float = DEFAULT_WARM_TIMEOUT,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    budget: BudgetMode | None = None,
+    processes: int | None = None,
 ) -> Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]:
     """A lifespan for ``Starlette(lifespan=...)`` or ``FastAPI(lifespan=...)``.
 
@@ -94,9 +97,20 @@ def create_lifespan(
     finished. The state it yields is kept, and the engines are added under
     ``STATE_KEY``. ``engines`` may include engine groups (objects with an
     ``engines`` attribute).
+
+    ``budget`` and ``processes`` go to ``pool_lifespan``: ``budget="warn"``
+    logs the connection budget's arithmetic at start-up when the fleet's
+    pools do not fit ``max_connections``, ``budget="enforce"`` refuses to
+    start with ``BudgetExceededError``.
     """
 
-    check_lifespan_arguments(warm=warm, warm_timeout=warm_timeout, drain_timeout=drain_timeout)
+    check_lifespan_arguments(
+        warm=warm,
+        warm_timeout=warm_timeout,
+        drain_timeout=drain_timeout,
+        budget=budget,
+        processes=processes,
+    )
     pooled_engines(*engines)
     if lifespan is not None:
         check_callable("lifespan", lifespan, "an app lifespan (app -> async context manager)")
@@ -104,7 +118,12 @@ def create_lifespan(
     @contextlib.asynccontextmanager
     async def app_lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
         async with pool_lifespan(
-            *engines, warm=warm, warm_timeout=warm_timeout, drain_timeout=drain_timeout
+            *engines,
+            warm=warm,
+            warm_timeout=warm_timeout,
+            drain_timeout=drain_timeout,
+            budget=budget,
+            processes=processes,
         ) as flat:
             state: dict[str, Any] = {STATE_KEY: {_name(e): e for e in flat}}
             if lifespan is None:

@@ -149,7 +149,7 @@ async def test_enforce_refuses_to_start_with_the_arithmetic_in_the_message(
         "= 14 available",
         "4 processes x 12 per process (bud-b-primary 10 + bud-b-analytics 2) = 48 at most",
         "34 too many",
-        "bud-b-primary pool_size=1 max_overflow=1, bud-b-analytics pool_size=0 max_overflow=1",
+        "bud-b-primary pool_size=1 max_overflow=1, bud-b-analytics analytics_limit=1",
         "(4 x 3 = 12)",
     ):
         assert part in message
