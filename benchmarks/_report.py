@@ -89,6 +89,17 @@ TELEMETRY_COSTS: Final = (
 )
 
 
+#: psycopg rows against each other and against asyncpg: (variant, baseline, label).
+PSYCOPG_COMPARISONS: Final = (
+    ("pg_ap_default", "pg_sa", "asyncpool on psycopg vs plain SQLAlchemy on psycopg"),
+    ("pg_ap_default", "pg_pool", "asyncpool on psycopg vs psycopg_pool"),
+    ("pg_ap_default", "pg_raw", "asyncpool on psycopg vs raw psycopg connections"),
+    ("pg_ap_default", "ap_default", "asyncpool on psycopg vs asyncpool on asyncpg"),
+    ("pg_sa", "sa", "plain SQLAlchemy: psycopg vs asyncpg"),
+    ("pg_pool", "asyncpg", "psycopg_pool vs asyncpg's pool"),
+)
+
+
 def summarise_throughput(raw: list[dict[str, Any]], baselines: Iterable[str]) -> dict[str, Any]:
     """``{variant: {concurrency: {ops_s, cpu_us_op, vs_<baseline>: {...}}}}`` from raw cells."""
     by_cell: dict[tuple[str, int], dict[int, dict[str, Any]]] = defaultdict(dict)
@@ -102,7 +113,8 @@ def summarise_throughput(raw: list[dict[str, Any]], baselines: Iterable[str]) ->
             "cpu_us_op": spread([r["cpu_us_op"] for r in rounds.values()]),
             "machine_steal": spread([r.get("machine_steal", math.nan) for r in rounds.values()]),
         }
-        for base in (*baselines, *(c[1] for c in TELEMETRY_COSTS), *(t[1] for t in TARGETS)):
+        comparisons = (*TELEMETRY_COSTS, *PSYCOPG_COMPARISONS)
+        for base in (*baselines, *(c[1] for c in comparisons), *(t[1] for t in TARGETS)):
             key = f"vs_{base}"
             if key in entry or (base, conc) not in by_cell:
                 continue
@@ -260,6 +272,7 @@ def markdown(result: dict[str, Any]) -> str:
         "python",
         "sqlalchemy",
         "asyncpg",
+        "psycopg",
         "greenlet",
         "opentelemetry",
         "postgresql",
@@ -302,6 +315,30 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_ratio(entry, 'asyncpg', 'cpu_us_op')} |"
             )
         lines.append("")
+    driver_rows = []
+    for variant, base, label in PSYCOPG_COMPARISONS:
+        cells = []
+        for conc in settings["concurrency"]:
+            ratio = throughput.get(variant, {}).get(conc, {}).get(f"vs_{base}")
+            if ratio is None:
+                cells.append("-")
+                continue
+            ops, cpu = ratio["ops_s"], ratio["cpu_us_op"]
+            cells.append(
+                f"{ops['median']:.2f}x ({ops['min']:.2f}-{ops['max']:.2f}) / {cpu['median']:.2f}x"
+            )
+        if any(c != "-" for c in cells):
+            driver_rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    if driver_rows:
+        header = " | ".join(f"c{c}: ops/s (range) / CPU/op" for c in settings["concurrency"])
+        lines += [
+            "**psycopg 3** (paired per round: ops/s ratio, CPU per op ratio)",
+            "",
+            f"| comparison | {header} |",
+            "|---|" + "--:|" * len(settings["concurrency"]),
+            *driver_rows,
+            "",
+        ]
     cost_rows = []
     for variant, base, label in TELEMETRY_COSTS:
         cells = []

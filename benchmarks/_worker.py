@@ -39,7 +39,7 @@ def main() -> None:
     protocol: TextIO = sys.stdout
     sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
     dsn = os.environ[DSN_VARIABLE]
-    target = {"dsn": dsn, "url": dsn.replace("postgresql://", "postgresql+asyncpg://", 1)}
+    target = variants.targets(dsn)
 
     for line in sys.stdin:
         command: dict[str, Any] = json.loads(line)
@@ -102,6 +102,8 @@ def _info(variant: Any, telemetry: Any) -> dict[str, Any]:
     for dist in (
         "sqlalchemy",
         "asyncpg",
+        "psycopg",
+        "psycopg-pool",
         "greenlet",
         "opentelemetry-api",
         "opentelemetry-sdk",
@@ -133,7 +135,7 @@ def _observers(variant: Any) -> list[str]:
     from . import variants
 
     async def look() -> list[str]:
-        subject = await variants.open_subject(variant, {"url": "postgresql+asyncpg://u@/db"})
+        subject = await variants.open_subject(variant, variants.targets("postgresql://u@/db"))
         try:
             return [_describe(o) for o in pool_of(subject.engine).state.observers]
         finally:

@@ -29,7 +29,15 @@ HOLD: Final = 0.02
 
 #: Which throughput variant stands for each pool in this scenario (ap_notel
 #: separates the pool from its telemetry: here every checkout queues).
-OVERLOAD_VARIANTS: Final = ("sa", "asyncpg", "ap_default", "ap_notel")
+OVERLOAD_VARIANTS: Final = (
+    "sa",
+    "asyncpg",
+    "ap_default",
+    "ap_notel",
+    "pg_sa",
+    "pg_pool",
+    "pg_ap_default",
+)
 
 
 async def overload_cell(
@@ -96,7 +104,32 @@ async def overload_cell(
             if start <= time.perf_counter() < end:
                 done += 1
 
-    worker = asyncpg_worker if variant.kind == "asyncpg" else sa_worker
+    async def psycopg_pool_worker() -> None:
+        from psycopg_pool import PoolTimeout
+
+        nonlocal timeouts, done
+        pool = subject.pool
+        while not stop:
+            began = time.perf_counter()
+            try:
+                conn = await pool.getconn(timeout=TIMEOUT)
+            except PoolTimeout:
+                if start <= began < end:
+                    timeouts += 1
+                continue
+            got = time.perf_counter()
+            try:
+                await conn.execute("SELECT pg_sleep(%s)", (HOLD,))
+                await conn.commit()
+            finally:
+                await pool.putconn(conn)
+            if start <= began < end:
+                waits.append(got - began)
+            if start <= time.perf_counter() < end:
+                done += 1
+
+    workers = {"asyncpg": asyncpg_worker, "psycopg_pool": psycopg_pool_worker}
+    worker = workers.get(variant.kind, sa_worker)
     try:
         tasks = [asyncio.create_task(worker()) for _ in range(TASKS)]
         await asyncio.sleep(max(start - time.perf_counter(), 0.0))

@@ -32,7 +32,7 @@ HOLD: Final = 0.01
 #: A steady worker that was refused backs off this long (a refusal never awaits).
 BACKOFF: Final = 0.005
 
-REJECT_VARIANTS: Final = ("ap_default", "ap_notel")
+REJECT_VARIANTS: Final = ("ap_default", "ap_notel", "pg_ap_default")
 
 
 async def reject_cell(

@@ -1,8 +1,8 @@
 """Run every asyncpool benchmark: one command, one JSON file, one RESULTS.md section.
 
-    python benchmarks/run.py            # full run, embedded PostgreSQL (~6 min)
+    python benchmarks/run.py            # full run, embedded PostgreSQL (~8 min)
     python benchmarks/run.py --soak     # the same plus the 1M-checkout memory soak (~10 min)
-    python benchmarks/run.py --quick    # a fast sanity run (~40 s), not recorded
+    python benchmarks/run.py --quick    # a fast sanity run (~1 min), not recorded
     python benchmarks/run.py --url postgresql://user@host:5432/db
 
 Each variant runs in its own worker process (``_worker.py``) so that
@@ -48,9 +48,18 @@ from benchmarks.overload import (  # noqa: E402
     TIMEOUT,
 )
 from benchmarks.reject import MAX_WAITING, REJECT_VARIANTS, SPIKE  # noqa: E402
-from benchmarks.variants import BASELINES, POOL_SIZE, VARIANTS  # noqa: E402
+from benchmarks.variants import (  # noqa: E402
+    BASELINES,
+    POOL_SIZE,
+    VARIANTS,
+    psycopg_installed,
+)
 
-#: Settings of a full run (about 6 minutes on 2 cores) and of --quick (about 40 s).
+#: Variants run by default: the psycopg rows only where psycopg and psycopg_pool are installed.
+DEFAULT_VARIANTS: Final = [v for v in VARIANTS if psycopg_installed() or not v.startswith("pg_")]
+
+#: Settings of a full run (about 8 minutes on 2 cores with the psycopg rows) and of
+#: --quick (about a minute).
 FULL: Final = {
     "rounds": 9,
     "warmup": 0.3,
@@ -158,7 +167,9 @@ def main() -> None:
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=[1, 10, 50], help="concurrent tasks"
     )
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", choices=sorted(VARIANTS), default=list(DEFAULT_VARIANTS)
+    )
     parser.add_argument(
         "--skip",
         nargs="+",
@@ -208,9 +219,9 @@ def run(args: argparse.Namespace, plan: dict[str, Any], dsn: str, db: str) -> di
     variants = [v for v in VARIANTS if v in args.variants]
     needed = set(variants) if "throughput" not in args.skip else set()
     if "overload" not in args.skip:
-        needed |= set(OVERLOAD_VARIANTS)
+        needed |= set(OVERLOAD_VARIANTS) & set(DEFAULT_VARIANTS)
     if "reject" not in args.skip:
-        needed |= set(REJECT_VARIANTS)
+        needed |= set(REJECT_VARIANTS) & set(DEFAULT_VARIANTS)
     start_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     meta = _meta(dsn, db)
     workers = {v: Worker(v, dsn) for v in VARIANTS if v in needed}
@@ -255,6 +266,9 @@ def run(args: argparse.Namespace, plan: dict[str, Any], dsn: str, db: str) -> di
                     "asyncpg": "asyncpg pool (max_size 30)",
                     "ap_default": "asyncpool (defaults, telemetry on: SDK)",
                     "ap_notel": "asyncpool (telemetry=False)",
+                    "pg_sa": "SQLAlchemy AsyncAdaptedQueuePool on psycopg",
+                    "pg_pool": "psycopg_pool AsyncConnectionPool (max_size 30)",
+                    "pg_ap_default": "asyncpool on psycopg (defaults, telemetry on: SDK)",
                 },
             }
         result["overload"] = overload
@@ -317,7 +331,7 @@ def throughput_rounds(
 
 def overload_rounds(workers: dict[str, Worker], plan: dict[str, Any]) -> dict[str, Any]:
     raw: list[dict[str, Any]] = []
-    variants = list(OVERLOAD_VARIANTS)
+    variants = [v for v in OVERLOAD_VARIANTS if v in workers]
     for r in range(plan["overload_rounds"]):
         shift = r % len(variants)
         order = variants[shift:] + variants[:shift]
@@ -345,7 +359,7 @@ def overload_rounds(workers: dict[str, Worker], plan: dict[str, Any]) -> dict[st
 
 def reject_rounds(workers: dict[str, Worker], plan: dict[str, Any]) -> dict[str, Any]:
     raw: list[dict[str, Any]] = []
-    variants = list(REJECT_VARIANTS)
+    variants = [v for v in REJECT_VARIANTS if v in workers]
     for r in range(plan["reject_rounds"]):
         shift = r % len(variants)
         order = variants[shift:] + variants[:shift]
@@ -512,7 +526,15 @@ def _versions(infos: dict[str, Any]) -> dict[str, str]:
     from importlib import metadata
 
     versions = {}
-    for dist in ("sqlalchemy", "asyncpg", "greenlet", "opentelemetry-api", "opentelemetry-sdk"):
+    for dist in (
+        "sqlalchemy",
+        "asyncpg",
+        "psycopg",
+        "psycopg-pool",
+        "greenlet",
+        "opentelemetry-api",
+        "opentelemetry-sdk",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -520,6 +542,7 @@ def _versions(infos: dict[str, Any]) -> dict[str, str]:
     return {
         "sqlalchemy": versions["sqlalchemy"],
         "asyncpg": versions["asyncpg"],
+        "psycopg": f"{versions['psycopg']}, psycopg-pool {versions['psycopg-pool']}",
         "greenlet": versions["greenlet"],
         "opentelemetry": (
             f"api {versions['opentelemetry-api']}, sdk {versions['opentelemetry-sdk']}"

@@ -33,10 +33,12 @@ class Variant:
     name: str
     label: str
     env: str
-    kind: str  # "asyncpg" | "sqlalchemy" | "asyncpool"
+    kind: str  # "asyncpg" | "psycopg" | "psycopg_pool" | "sqlalchemy" | "asyncpool"
     options: tuple[tuple[str, Any], ...] = ()
     #: Extra environment variables for the variant's worker process.
     environ: tuple[tuple[str, str], ...] = ()
+    #: The driver under SQLAlchemy (kinds "sqlalchemy" and "asyncpool").
+    driver: str = "asyncpg"
 
 
 VARIANTS: Final[dict[str, Variant]] = {
@@ -97,11 +99,56 @@ VARIANTS: Final[dict[str, Variant]] = {
             "asyncpool",
             (("telemetry", False), ("pre_ping_skip_window", 0.0)),
         ),
+        # The same pools on psycopg 3 (issue 16), side by side.
+        Variant(
+            "pg_raw",
+            "raw psycopg: 10 autocommit connections in an asyncio.Queue (no pool, no transaction)",
+            "plain",
+            "psycopg",
+        ),
+        Variant(
+            "pg_pool",
+            "psycopg_pool AsyncConnectionPool (with pool.connection(): execute, commit)",
+            "plain",
+            "psycopg_pool",
+        ),
+        Variant(
+            "pg_sa",
+            "plain SQLAlchemy on psycopg, no pre-ping",
+            "plain",
+            "sqlalchemy",
+            driver="psycopg",
+        ),
+        Variant(
+            "pg_ap_default",
+            "asyncpool defaults on psycopg (pre-ping on, telemetry on: OTel SDK)",
+            "sdk",
+            "asyncpool",
+            driver="psycopg",
+        ),
     )
 }
 
 #: The variants every ratio is taken against.
 BASELINES: Final = ("sa", "asyncpg")
+
+
+def psycopg_installed() -> bool:
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def targets(dsn: str) -> dict[str, str]:
+    """The database as each kind wants it: libpq DSN, SQLAlchemy URLs per driver."""
+    return {
+        "dsn": dsn,
+        "url": dsn.replace("postgresql://", "postgresql+asyncpg://", 1),
+        "psycopg_url": dsn.replace("postgresql://", "postgresql+psycopg://", 1),
+    }
 
 
 class Subject:
@@ -136,6 +183,46 @@ class AsyncpgSubject(Subject):
     async def checkout(self) -> None:
         async with self.pool.acquire():
             pass  # the release still sends asyncpg's reset query
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+class PsycopgSubject(Subject):
+    """Raw psycopg: a fixed set of autocommit connections handed out by a queue."""
+
+    def __init__(self, conns: list[Any]) -> None:
+        self.conns = conns
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        for conn in conns:
+            self.queue.put_nowait(conn)
+
+    async def op(self) -> None:
+        conn = await self.queue.get()
+        try:
+            await conn.execute("SELECT 1")
+        finally:
+            self.queue.put_nowait(conn)
+
+    async def checkout(self) -> None:
+        self.queue.put_nowait(await self.queue.get())
+
+    async def close(self) -> None:
+        for conn in self.conns:
+            await conn.close()
+
+
+class PsycopgPoolSubject(Subject):
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    async def op(self) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute("SELECT 1")
+
+    async def checkout(self) -> None:
+        async with self.pool.connection():
+            pass
 
     async def close(self) -> None:
         await self.pool.close()
@@ -223,11 +310,32 @@ async def open_subject(
             target["dsn"], min_size=pool_size, max_size=pool_size + max_overflow
         )
         return AsyncpgSubject(pool)
+    if variant.kind == "psycopg":
+        import psycopg
+
+        conns = [
+            await psycopg.AsyncConnection.connect(target["dsn"], autocommit=True)
+            for _ in range(pool_size)
+        ]
+        return PsycopgSubject(conns)
+    if variant.kind == "psycopg_pool":
+        from psycopg_pool import AsyncConnectionPool
+
+        pool = AsyncConnectionPool(
+            target["dsn"],
+            min_size=pool_size,
+            max_size=pool_size + max_overflow,
+            timeout=pool_timeout,
+            open=False,
+        )
+        await pool.open(wait=True)
+        return PsycopgPoolSubject(pool)
+    url = target["psycopg_url"] if variant.driver == "psycopg" else target["url"]
     if variant.kind == "sqlalchemy":
         from sqlalchemy.ext.asyncio import create_async_engine
 
         engine = create_async_engine(
-            target["url"],
+            url,
             pool_size=pool_size,
             max_overflow=max_overflow,
             pool_timeout=pool_timeout,
@@ -239,7 +347,7 @@ async def open_subject(
 
     name = f"bench-{variant.name}-{next(_names)}"
     engine = asyncpool.create_pooled_engine(
-        target["url"],
+        url,
         name=name,
         pool_size=pool_size,
         max_overflow=max_overflow,

@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import sqlalchemy.exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,6 +31,18 @@ from asyncpool.embedded import EmbeddedPostgres
 DRIVER = os.environ.get("ASYNCPOOL_TEST_DRIVER", "asyncpg")
 if DRIVER not in ("asyncpg", "psycopg"):
     raise RuntimeError(f"ASYNCPOOL_TEST_DRIVER={DRIVER!r}: asyncpg or psycopg")
+
+#: What a failed connect raises through the engine: asyncpg's errors are
+#: ``OSError`` subclasses and escape unwrapped; psycopg's ``OperationalError``
+#: comes wrapped in SQLAlchemy's.
+CONNECT_ERROR: type[Exception] = OSError if DRIVER == "asyncpg" else sqlalchemy.exc.OperationalError
+
+#: ``error.type`` of a connect to a port nobody listens on.
+REFUSED_ERROR_TYPES: frozenset[str] = (
+    frozenset({"ConnectionRefusedError", "OSError"})
+    if DRIVER == "asyncpg"
+    else frozenset({"psycopg.OperationalError"})
+)
 
 
 class TestDatabase:

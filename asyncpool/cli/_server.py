@@ -7,21 +7,28 @@ from this machine only when the server is on it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
+from .._url import UrlOptions
 from ..engine import parse_url
 
 __all__ = [
+    "DirectConnection",
     "ServerFacts",
     "Usage",
     "connect_direct",
     "fetch_server_facts",
     "is_local",
+    "local_address",
     "read_server_facts",
 ]
 
@@ -80,30 +87,138 @@ def is_local(url: str) -> bool:
     return host in _LOCAL_HOSTS or host.startswith("/") or bool(socket_dir)
 
 
-async def connect_direct(url: str, *, connect_timeout: float, application_name: str) -> Any:
-    """One asyncpg connection from a SQLAlchemy-style URL, without SQLAlchemy on top.
+class DirectConnection(Protocol):
+    """What the commands need from a connection of their own: asyncpg's
+    ``Connection`` has it; psycopg's is wrapped (``_PsycopgDirect``).
+    Parameters are asyncpg's ``$1``, ``$2``, ..."""
 
-    The URL is read by SQLAlchemy's own asyncpg dialect, so it means what it
-    means to the app. No statement cache: unnamed statements work behind a
-    transaction pooler, where asyncpg's named ones break.
+    async def execute(self, sql: str) -> Any: ...
+
+    async def fetchval(self, sql: str, *args: Any) -> Any: ...
+
+    async def fetch(self, sql: str, *args: Any) -> Sequence[Mapping[str, Any]]: ...
+
+    async def fetchrow(self, sql: str, *args: Any) -> Mapping[str, Any] | None: ...
+
+    async def close(self, *, timeout: float) -> None: ...  # noqa: ASYNC109 (asyncpg's)
+
+
+async def connect_direct(
+    url: str, *, connect_timeout: float, application_name: str
+) -> DirectConnection:
+    """One driver connection from a SQLAlchemy-style URL, without SQLAlchemy on top.
+
+    The URL is read by SQLAlchemy's own dialect of its driver (asyncpg or
+    psycopg), so it means what it means to the app. No statement cache:
+    unnamed statements work behind a transaction pooler, where named ones break.
     """
+    parsed, url_options = parse_url(url)
+    timeout = url_options.settings.get("connect_timeout", connect_timeout)
+    name = url_options.settings.get("application_name", application_name)
+    if parsed.get_driver_name() == "psycopg":
+        return await _connect_psycopg(parsed, url_options, timeout, name)
+
     import asyncpg
     from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg
 
     dialect_class: Any = sa_asyncpg.dialect
     dialect = dialect_class()
-    parsed, url_options = parse_url(url)
     _, params = dialect.create_connect_args(parsed)
     for key in _DIALECT_ONLY:
         params.pop(key, None)
     params.update(url_options.connect_args)
     settings = {**url_options.server_settings, **dict(params.pop("server_settings", None) or {})}
-    settings.setdefault(
-        "application_name", url_options.settings.get("application_name", application_name)
-    )
-    params["timeout"] = url_options.settings.get("connect_timeout", connect_timeout)
+    settings.setdefault("application_name", name)
+    params["timeout"] = timeout
     params["statement_cache_size"] = 0
-    return await asyncpg.connect(**params, server_settings=settings)
+    conn: DirectConnection = await asyncpg.connect(**params, server_settings=settings)
+    return conn
+
+
+async def _connect_psycopg(
+    parsed: URL, url_options: UrlOptions, connect_timeout: float, name: str
+) -> DirectConnection:
+    import psycopg
+    from psycopg.rows import dict_row
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+    from .._drivers._psycopg import connect_args
+
+    dialect_class: Any = PGDialect_psycopg
+    _, params = dialect_class().create_connect_args(parsed)
+    params.update(
+        connect_args(
+            url_options.connect_args,
+            application_name=name,
+            connect_timeout=connect_timeout,
+            command_timeout=None,
+            server_settings=url_options.server_settings,
+            pgbouncer=False,
+            name="asyncpool",
+        )
+    )
+    params.pop("async_creator_fn", None)  # psycopg's own connection class is enough here
+    params["prepare_threshold"] = None  # unnamed statements only
+    conn = await psycopg.AsyncConnection.connect(**params, autocommit=True, row_factory=dict_row)
+    return _PsycopgDirect(conn)
+
+
+_PARAMETER: Final = re.compile(r"\$(\d+)")
+
+
+class _PsycopgDirect:
+    """A psycopg connection (autocommit, rows as dicts) answering asyncpg's calls."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    @staticmethod
+    def _query(sql: str, args: tuple[Any, ...]) -> tuple[str, dict[str, Any] | None]:
+        if not args:
+            return sql, None  # as it is (psycopg's simple protocol)
+        # $1 -> %(p1)s: a parameter may repeat; a literal % is doubled.
+        query = _PARAMETER.sub(r"%(p\1)s", sql.replace("%", "%%"))
+        return query, {f"p{number}": value for number, value in enumerate(args, 1)}
+
+    async def execute(self, sql: str) -> Any:
+        return await self._conn.execute(sql)
+
+    async def fetch(self, sql: str, *args: Any) -> Sequence[Mapping[str, Any]]:
+        cursor = await self._conn.execute(*self._query(sql, args))
+        rows: list[Mapping[str, Any]] = await cursor.fetchall()
+        return rows
+
+    async def fetchrow(self, sql: str, *args: Any) -> Mapping[str, Any] | None:
+        rows = await self.fetch(sql, *args)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        row = await self.fetchrow(sql, *args)
+        return next(iter(row.values())) if row else None
+
+    def sockname(self) -> Any:
+        fd = self._conn.pgconn.socket
+        sock = socket.socket(fileno=fd)
+        try:
+            return sock.getsockname()
+        finally:
+            sock.detach()
+
+    async def close(self, *, timeout: float) -> None:  # noqa: ASYNC109 (asyncpg's)
+        async with asyncio.timeout(timeout):
+            await self._conn.close()
+
+
+def local_address(conn: DirectConnection) -> tuple[str, int] | None:
+    """This end's address of a TCP connection; None over a Unix socket."""
+    if isinstance(conn, _PsycopgDirect):
+        name = conn.sockname()
+    else:
+        transport = getattr(conn, "_transport", None)
+        name = transport.get_extra_info("sockname") if transport is not None else None
+    if isinstance(name, tuple) and len(name) >= 2:
+        return str(name[0]), int(name[1])
+    return None
 
 
 async def fetch_server_facts(
@@ -120,8 +235,10 @@ async def fetch_server_facts(
         await driver.close(timeout=connect_timeout)
 
 
-async def read_server_facts(driver: Any, *, local: bool, own_pids: list[int]) -> ServerFacts:
-    """Read the facts through an asyncpg connection (outside any transaction)."""
+async def read_server_facts(
+    driver: DirectConnection, *, local: bool, own_pids: list[int]
+) -> ServerFacts:
+    """Read the facts through a direct connection (outside any transaction)."""
     version = await driver.fetchval("SHOW server_version")
     max_connections = int(await driver.fetchval("SHOW max_connections"))
     superuser_reserved = int(await driver.fetchval("SHOW superuser_reserved_connections"))
@@ -139,7 +256,7 @@ async def read_server_facts(driver: Any, *, local: bool, own_pids: list[int]) ->
     )
 
 
-async def _cores(driver: Any, *, local: bool) -> tuple[int | None, str]:
+async def _cores(driver: DirectConnection, *, local: bool) -> tuple[int | None, str]:
     try:
         cpuinfo = await driver.fetchval("SELECT pg_read_file('/proc/cpuinfo')")
     except Exception:  # no right to read server files, or not Linux
@@ -156,7 +273,7 @@ async def _cores(driver: Any, *, local: bool) -> tuple[int | None, str]:
     return None, "unknown: no right to read it from the server; give --server-cores"
 
 
-async def _cgroup_quota(driver: Any) -> int | None:
+async def _cgroup_quota(driver: DirectConnection) -> int | None:
     """CPUs allowed by a cgroup v2 ``cpu.max`` quota (containers), if any."""
     try:
         text = await driver.fetchval("SELECT pg_read_file('/sys/fs/cgroup/cpu.max')")

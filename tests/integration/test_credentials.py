@@ -101,7 +101,10 @@ async def test_a_password_changed_every_second_never_fails_a_checkout(
     assert results == [1] * 200
     stats = statistics(engine)
     assert stats.connect_errors == 0
-    assert stats.connects == len(used) and len(set(used)) >= 3  # new passwords were used
+    # Every connect asked for the password (a background recycle may be
+    # connecting right now: asked, not counted yet); new ones were used.
+    assert stats.connects <= len(used) <= stats.connects + 2
+    assert len(set(used)) >= 3
     shown = "\n".join(
         [caplog.text, repr(stats), str(engine.url), repr(engine.url), repr(engine.pool)]
     )

@@ -30,7 +30,7 @@ from asyncpool.cli import main
 from asyncpool.embedded import free_port
 from asyncpool.engine import redact_url
 from asyncpool.telemetry import instrument
-from tests.fix_db import TestDatabase
+from tests.fix_db import CONNECT_ERROR, TestDatabase
 
 #: One secret per place; each must be found nowhere.
 USERINFO = "Us3rInfo-xyzzy"
@@ -76,7 +76,6 @@ def assert_no_secret(outputs: list[str]) -> None:
     assert hits == []
 
 
-@pytest.mark.asyncpg_only  # psycopg: TODO(psycopg): the CLI's own server connection is asyncpg-only
 async def test_no_secret_in_logs_reprs_errors_telemetry_statistics_or_budget(
     database: TestDatabase,
     app_name: str,
@@ -121,7 +120,7 @@ async def test_no_secret_in_logs_reprs_errors_telemetry_statistics_or_budget(
         await engine.dispose()
 
         refused = create_pooled_engine(unreachable(url), connect_timeout=1, telemetry=False)
-        with pytest.raises(OSError) as down:
+        with pytest.raises(CONNECT_ERROR) as down:
             await refused.connect()
         outputs += error_chain(down.value)
         await refused.dispose()
@@ -133,7 +132,7 @@ async def test_no_secret_in_logs_reprs_errors_telemetry_statistics_or_budget(
         outputs += error_chain(warm.value)
 
         for bad in (
-            url.replace("postgresql+asyncpg", "mysql+aiomysql"),
+            url.replace(f"postgresql+{database.driver}", "mysql+aiomysql"),
             url + ("&" if "?" in url else "?") + "sslmode=bogus",
             url + ("&" if "?" in url else "?") + "keepalives=1",
             url.replace("@127.0.0.1", "@127.0.0.1:notaport"),
@@ -161,7 +160,6 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 
 @pytest.mark.slow  # the main pass runs it; the other passes deselect it
-@pytest.mark.asyncpg_only  # psycopg: TODO(psycopg): the CLI's own server connection is asyncpg-only
 def test_no_secret_in_any_subcommand_text_json_or_chart(
     database: TestDatabase,
     tmp_path: Path,

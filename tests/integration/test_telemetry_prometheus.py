@@ -24,7 +24,7 @@ import asyncpool
 from asyncpool import PoolTimeoutError
 from asyncpool.telemetry import instrument
 from asyncpool.telemetry.prometheus import MetricsApp, create_metric_reader, metrics_route
-from tests.fix_db import EngineFactory, TestDatabase, wait_until
+from tests.fix_db import CONNECT_ERROR, REFUSED_ERROR_TYPES, EngineFactory, TestDatabase, wait_until
 
 _DASHBOARD = Path(asyncpool.__file__).resolve().parents[1] / "examples" / "grafana_dashboard.json"
 
@@ -98,12 +98,11 @@ async def exercise(make_engine: EngineFactory, database: TestDatabase, meter_pro
         name="broken",
     )
     instrument(broken, meter_provider)
-    with pytest.raises(OSError):
+    with pytest.raises(CONNECT_ERROR):
         await broken.connect()
     return str(asyncpool.statistics(engine).name)
 
 
-@pytest.mark.asyncpg_only  # psycopg: TODO(psycopg): expects asyncpg's error.type names
 async def test_a_real_http_scrape_parses_and_shows_the_pool(
     make_engine: EngineFactory, database: TestDatabase, meter_provider: Any, server: str
 ) -> None:
@@ -137,7 +136,7 @@ async def test_a_real_http_scrape_parses_and_shows_the_pool(
     )
     (error,) = found["asyncpool_connection_errors_total"]
     assert error.labels[POOL_LABEL] == "broken" and error.value == 1
-    assert error.labels["error_type"] in {"ConnectionRefusedError", "OSError"}
+    assert error.labels["error_type"] in REFUSED_ERROR_TYPES
 
 
 async def test_the_view_speaks_openmetrics_when_asked_and_refuses_other_methods(
@@ -158,7 +157,6 @@ async def test_the_view_speaks_openmetrics_when_asked_and_refuses_other_methods(
     assert (head.status_code, head.content) == (200, b"")
 
 
-@pytest.mark.asyncpg_only  # psycopg: TODO(psycopg): expects asyncpg's error.type names
 async def test_the_grafana_dashboard_uses_only_metrics_and_labels_the_view_serves(
     make_engine: EngineFactory, database: TestDatabase, meter_provider: Any, registry: Any
 ) -> None:

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from asyncpool import create_pooled_engine
-from tests.fix_db import TestDatabase
+from tests.fix_db import CONNECT_ERROR, TestDatabase
 from tests.fix_tls import TlsServer
 
 _SSL_OF_THIS_BACKEND = text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
@@ -49,9 +49,12 @@ async def test_verify_ca_checks_the_ca_but_not_the_host_name(tls_server: TlsServ
     assert await _ssl_in_use(tls_server.url("127.0.0.1", query)) is True
 
 
-@pytest.mark.asyncpg_only  # psycopg: TODO(psycopg): expects asyncpg's refusal
 async def test_require_against_a_server_without_tls_is_refused(database: TestDatabase) -> None:
-    with pytest.raises(ConnectionError, match="rejected SSL upgrade"):
+    refusal = {
+        "asyncpg": "rejected SSL upgrade",
+        "psycopg": "server does not support SSL, but SSL was required",
+    }
+    with pytest.raises(CONNECT_ERROR, match=refusal[database.driver]):
         await _ssl_in_use(f"{database.url}?sslmode=require")
 
 

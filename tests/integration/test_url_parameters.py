@@ -12,18 +12,20 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from asyncpool import create_pooled_engine
-from tests.fix_db import TestDatabase
+from tests.fix_db import DRIVER, TestDatabase
 from tests.fix_lifespan import PASSWORD, PASSWORD_USER, PasswordServer
 
 
-@pytest.mark.asyncpg_only  # psycopg: asyncpg's statement_cache_size in the URL
 async def test_libpq_parameters_from_a_cloud_console_connect_and_take_effect(
     database: TestDatabase, app_name: str
 ) -> None:
     options = quote("-c statement_timeout=4321")
+    # asyncpg's statement cache can be turned off in the URL too (PgBouncer
+    # guides say so); psycopg refuses the name (it is not libpq's).
+    cache = "&statement_cache_size=0" if database.driver == "asyncpg" else ""
     url = (
         f"{database.url}?sslmode=prefer&connect_timeout=5&application_name={app_name}"
-        f"&options={options}&statement_cache_size=0&target_session_attrs=any"
+        f"&options={options}{cache}&target_session_attrs=any"
     )
     engine = create_pooled_engine(url, pool_size=1, max_overflow=0)
     try:
@@ -36,7 +38,7 @@ async def test_libpq_parameters_from_a_cloud_console_connect_and_take_effect(
                     )
                 )
             ).one()
-            # A type that needs introspection, with the statement cache off.
+            # A type that needs introspection (with asyncpg's statement cache off).
             await conn.execute(text("SELECT 1::int2, now()"))
     finally:
         await engine.dispose()
@@ -47,7 +49,7 @@ async def test_a_password_given_as_a_query_parameter_authenticates(
     password_database: PasswordServer,
 ) -> None:
     url = (
-        f"postgresql+asyncpg://{PASSWORD_USER}@{password_database.host}:"
+        f"postgresql+{DRIVER}://{PASSWORD_USER}@{password_database.host}:"
         f"{password_database.port}/postgres?password={PASSWORD}"
     )
     engine = create_pooled_engine(url, pool_size=1, max_overflow=0)
@@ -96,7 +98,7 @@ async def test_host_and_port_as_query_parameters_reach_the_server(
     # (``postgresql://user@/db?host=/run/postgresql&port=5432``) was refused.
     url = make_url(database.url)
     query_form = (
-        f"postgresql+asyncpg://{url.username}@/{url.database}"
+        f"postgresql+{DRIVER}://{url.username}@/{url.database}"
         f"?host={url.host or '127.0.0.1'}&port={url.port or 5432}"
     )
     engine = create_pooled_engine(query_form, application_name=app_name, pool_size=1)
