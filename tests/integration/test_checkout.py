@@ -236,7 +236,9 @@ async def _no_backends(database: TestDatabase, app_name: str) -> bool:
 async def test_a_connection_past_pool_recycle_is_replaced_and_counted(
     make_engine: EngineFactory,
 ) -> None:
-    engine = make_engine(pool_size=1, max_overflow=0, pool_recycle=0.05)
+    # recycle_jitter=0: one lifetime, checked at checkout (the background
+    # replacement of jittered lifetimes has its own tests in test_upkeep.py).
+    engine = make_engine(pool_size=1, max_overflow=0, pool_recycle=0.05, recycle_jitter=0)
     query = text("SELECT pg_backend_pid()")
     async with engine.connect() as conn:
         first = (await conn.execute(query)).scalar_one()
@@ -245,4 +247,6 @@ async def test_a_connection_past_pool_recycle_is_replaced_and_counted(
         second = (await conn.execute(query)).scalar_one()
     assert first != second
     stats = statistics(engine)
-    assert (stats.recycles, stats.connects, stats.pre_ping_failures) == (1, 2, 0)
+    # Replaced once: by the checkout, or by the maintenance just before it.
+    assert stats.recycles - stats.background_recycles <= 1
+    assert (stats.recycles, stats.connects, stats.pre_ping_failures) in ((1, 2, 0), (2, 3, 0))
