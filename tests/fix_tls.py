@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from asyncpool.embedded import free_port
+from tests.fix_db import DRIVER
 
 _HBA = """\
 local    all  all                  trust
@@ -41,7 +42,7 @@ class TlsServer:
     other_ca_file: Path  # a CA that did not
 
     def url(self, host: str = "localhost", query: str = "") -> str:
-        return f"postgresql+asyncpg://postgres@{host}:{self.port}/postgres{query}"
+        return f"postgresql+{DRIVER}://postgres@{host}:{self.port}/postgres{query}"
 
 
 def _name(common_name: str) -> x509.Name:
