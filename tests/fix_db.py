@@ -75,6 +75,30 @@ class TestDatabase:
             application_name,
         )
 
+    async def sleeping(self, application_name: str) -> int:
+        """Backends of ``application_name`` running a ``pg_sleep`` statement now."""
+        count = await self.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+            " AND state = 'active' AND query LIKE '%pg_sleep(%'",
+            application_name,
+        )
+        return int(count)
+
+    async def any_sleeping(self, application_name: str) -> bool:
+        return await self.sleeping(application_name) > 0
+
+    async def assert_clean(self, application_name: str, bound: int) -> None:
+        """Nothing running, nothing open in a transaction, no lock held, no
+        more backends than the pool's ``bound``."""
+        rows = await self.fetch(
+            "SELECT a.state, (SELECT count(*) FROM pg_locks l WHERE l.pid = a.pid"
+            " AND l.locktype <> 'virtualxid') AS locks"
+            " FROM pg_stat_activity a WHERE a.application_name = $1",
+            application_name,
+        )
+        assert len(rows) <= bound
+        assert [(r["state"], r["locks"]) for r in rows] == [("idle", 0)] * len(rows)
+
     async def terminate(self, application_name: str) -> int:
         """``pg_terminate_backend`` every backend of ``application_name``; wait until gone."""
         pids = [r["pid"] for r in await self.backends(application_name)]

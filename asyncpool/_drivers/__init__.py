@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 from typing import Any, Protocol
 
-__all__ = ["ConnectionState", "Driver", "driver_for"]
+__all__ = ["ConnectionState", "Driver", "driver_for", "point_at_devnull"]
 
 
 class ConnectionState(enum.Enum):
@@ -100,6 +101,20 @@ class Driver(Protocol):
     def drop_kept_transaction(self, adapted: Any, kept: object) -> None:
         """Once the other task's operation is done: undo ``keep_transaction``
         if that operation ended the block itself (a commit racing a rollback)."""
+
+
+def point_at_devnull(fd: int) -> None:
+    """In a forked child: make an inherited socket's descriptor lead nowhere.
+
+    Whatever the driver does with it later (its Terminate, the close) reaches
+    nobody, and the descriptor stays open, so a later close cannot hit a
+    reused number. No shutdown(): that would cut the parent's connection.
+    """
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def driver_for(dialect: Any) -> Driver:

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import socket
 from typing import Any, Final
 
-from . import ConnectionState
+from . import ConnectionState, point_at_devnull
 
 __all__ = ["ASYNCPG"]
 
@@ -112,20 +111,13 @@ class _Asyncpg:
 
     def drop_without_io(self, conn: Any) -> None:
         """Marked aborted, asyncpg's ``terminate()`` and ``__del__`` leave it
-        alone; the child's copy of the socket is pointed at /dev/null (not
-        closed, so a later close by its transport cannot hit a reused
-        descriptor). No shutdown(): that would cut the parent's connection."""
+        alone; its transport keeps a socket that leads nowhere."""
         conn._aborted = True
         transport = getattr(conn, "_transport", None)
         sock = transport.get_extra_info("socket") if transport is not None else None
         fd = sock.fileno() if sock is not None else -1
-        if fd < 0:
-            return
-        null = os.open(os.devnull, os.O_RDWR)
-        try:
-            os.dup2(null, fd)
-        finally:
-            os.close(null)
+        if fd >= 0:
+            point_at_devnull(fd)
 
     async def ping(self, conn: Any, seconds: float) -> None:
         if conn.is_closed():

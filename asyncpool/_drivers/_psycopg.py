@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import select
 import weakref
 from collections.abc import Mapping
 from typing import Any, Final
 
 from ..errors import ConfigurationError
-from . import ConnectionState
+from . import ConnectionState, point_at_devnull
 
 __all__ = ["PSYCOPG", "connect_args"]
 
@@ -170,20 +169,14 @@ class _Psycopg:
         conn.pgconn.finish()
 
     def drop_without_io(self, conn: Any) -> None:
-        """Point the child's copy of the socket at /dev/null: whatever psycopg
-        does with it later (its Terminate, the close) reaches nobody. No
-        shutdown(): that would cut the parent's connection."""
+        """libpq's Terminate and close then reach nobody."""
         pgconn = conn.pgconn
         if pgconn.status == _BAD:
             return
         fd = pgconn.socket
         if fd < 0:
             return
-        null = os.open(os.devnull, os.O_RDWR)
-        try:
-            os.dup2(null, fd)
-        finally:
-            os.close(null)
+        point_at_devnull(fd)
         conn._closed = True
         pgconn.finish()
 

@@ -139,15 +139,6 @@ time.sleep(30)
 # ------------------------------------------------------- counting, telemetry
 
 
-async def _sleeping_at_all(database: TestDatabase, app_name: str) -> bool:
-    count = await database.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
-        " AND state = 'active' AND query LIKE '%pg_sleep(%'",
-        app_name,
-    )
-    return bool(count)
-
-
 async def test_a_connection_given_back_mid_statement_is_counted_invalidated_once(
     make_engine: EngineFactory, database: TestDatabase, app_name: str
 ) -> None:
@@ -156,9 +147,7 @@ async def test_a_connection_given_back_mid_statement_is_counted_invalidated_once
         raw = await conn.get_raw_connection()
         driver: Any = raw.driver_connection
         left_running = asyncio.ensure_future(driver.execute("SELECT pg_sleep(5)"))
-        await wait_for_async(
-            lambda: _sleeping_at_all(database, app_name), what="pg_sleep", within=3
-        )
+        await wait_for_async(lambda: database.any_sleeping(app_name), what="pg_sleep", within=3)
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
     with pytest.raises(Exception):  # noqa: B017 - cancelled on the server, then closed

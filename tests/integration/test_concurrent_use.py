@@ -34,19 +34,6 @@ from tests.fix_db import EngineFactory, TestDatabase
 SLOW = text("SELECT pg_sleep(0.2)")
 
 
-async def server_is_clean(database: TestDatabase, app_name: str, bound: int) -> None:
-    """Nothing running, nothing open in a transaction, no lock held, no more
-    backends than the pool's bound."""
-    rows = await database.fetch(
-        "SELECT a.state, (SELECT count(*) FROM pg_locks l WHERE l.pid = a.pid"
-        " AND l.locktype <> 'virtualxid') AS locks"
-        " FROM pg_stat_activity a WHERE a.application_name = $1",
-        app_name,
-    )
-    assert len(rows) <= bound
-    assert [(r["state"], r["locks"]) for r in rows] == [("idle", 0)] * len(rows)
-
-
 def named(coro: Any, name: str) -> asyncio.Task[Any]:
     return asyncio.create_task(coro, name=name)
 
@@ -84,7 +71,7 @@ async def test_gather_over_a_new_session_names_both_tasks_and_leaves_nothing(
     assert (caught.value.task, caught.value.other_task) == ("audit", "report")
     assert "one task at a time" in message
     assert statistics(engine).checked_out == 0
-    await server_is_clean(database, app_name, bound=2)
+    await database.assert_clean(app_name, bound=2)
 
 
 async def test_a_commit_racing_a_statement_is_refused_and_the_server_agrees(
@@ -106,7 +93,7 @@ async def test_a_commit_racing_a_statement_is_refused_and_the_server_agrees(
         assert (await session.execute(text("SELECT 2"))).scalar_one() == 2
     await pool_of(engine).wait_cleaned()
     assert statistics(engine).checked_out == 0
-    await server_is_clean(database, app_name, bound=2)
+    await database.assert_clean(app_name, bound=2)
 
 
 async def test_a_connection_stays_usable_by_its_first_task(
@@ -127,7 +114,7 @@ async def test_a_connection_stays_usable_by_its_first_task(
         assert isinstance(results[1], ConcurrentUseError)
         assert (await conn.execute(text("SELECT 8"))).scalar_one() == 8
     assert statistics(engine).checked_out == 0
-    await server_is_clean(database, app_name, bound=1)
+    await database.assert_clean(app_name, bound=1)
 
 
 async def test_one_session_per_task_does_the_same_work(
@@ -143,7 +130,7 @@ async def test_one_session_per_task_does_the_same_work(
     slow, one = await asyncio.gather(run(SLOW), run(text("SELECT 1")))
     assert (slow in (None, ""), one) == (True, 1)  # pg_sleep's void: '' on psycopg
     assert statistics(engine).checked_out == 0
-    await server_is_clean(database, app_name, bound=2)
+    await database.assert_clean(app_name, bound=2)
 
 
 # SQLAlchemy warns when the rollback finds its transaction already ending.
@@ -160,7 +147,7 @@ async def test_a_commit_racing_a_rollback_leaves_no_phantom_transaction(
         assert (await conn.execute(text("SELECT 3"))).scalar_one() == 3
         await conn.commit()
     assert statistics(engine).cleanups == 0  # given back clean, nothing to put in order
-    await server_is_clean(database, app_name, bound=1)
+    await database.assert_clean(app_name, bound=1)
 
 
 async def test_a_statement_from_after_begin_gets_sqlalchemys_error_at_once(

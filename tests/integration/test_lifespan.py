@@ -231,23 +231,14 @@ async def test_a_straggler_mid_statement_is_stopped_on_the_server_before_the_lif
     async with pool_lifespan(engine, drain_timeout=0.3):
         task = asyncio.create_task(slow_request())
         await running.wait()
-        await wait_for_async(lambda: _sleeping(database, app_name), what="pg_sleep to run")
+        await wait_for_async(lambda: database.any_sleeping(app_name), what="pg_sleep to run")
         started = time.monotonic()
     # The drain cancelled the statement on the server, and waited for it.
     assert time.monotonic() - started < 2.0
-    assert not await _sleeping(database, app_name)
+    assert await database.sleeping(app_name) == 0
     with pytest.raises(PoolClosedError, match="shut down"):
         await task
     assert statistics(engine).checked_out == 0
-
-
-async def _sleeping(database: TestDatabase, app_name: str) -> bool:
-    count = await database.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
-        " AND state = 'active' AND query LIKE '%pg_sleep%'",
-        app_name,
-    )
-    return bool(count)
 
 
 async def test_a_cancelled_drain_logs_how_long_it_waited_not_drain_timeout(

@@ -63,16 +63,6 @@ async def update_then_sleep(engine: AsyncEngine, table: str) -> None:
         await conn.execute(text("SELECT pg_sleep(5)"))
 
 
-async def sleeping(database: TestDatabase, app_name: str) -> int:
-    """Backends of ``app_name`` running the slow statement."""
-    count = await database.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
-        " AND state = 'active' AND query LIKE '%pg_sleep(%'",
-        app_name,
-    )
-    return int(count)
-
-
 async def row_lockable(database: TestDatabase, table: str) -> bool:
     try:
         await database.fetch(f"SELECT n FROM {table} WHERE id = 1 FOR UPDATE NOWAIT")
@@ -82,7 +72,7 @@ async def row_lockable(database: TestDatabase, table: str) -> bool:
 
 
 async def server_clean(database: TestDatabase, app_name: str, table: str) -> bool:
-    return await sleeping(database, app_name) == 0 and await row_lockable(database, table)
+    return await database.sleeping(app_name) == 0 and await row_lockable(database, table)
 
 
 async def assert_server_clean_soon(
@@ -368,21 +358,17 @@ async def test_a_connection_given_back_mid_statement_never_reaches_the_next_user
         raw = await conn.get_raw_connection()
         driver: Any = raw.driver_connection
         left_running = asyncio.ensure_future(driver.execute("SELECT pg_sleep(5)"))
-        await wait_for_async(lambda: _sleeping_at_all(database, app_name), what="pg_sleep")
+        await wait_for_async(lambda: database.any_sleeping(app_name), what="pg_sleep")
     async with engine.connect() as conn:  # waits for the cleanup, then a clean connection
         assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
         next_driver = (await conn.get_raw_connection()).driver_connection
     assert next_driver is not driver
     with pytest.raises(Exception):  # noqa: B017 - cancelled on the server, then closed
         await left_running
-    assert await sleeping(database, app_name) == 0
+    assert await database.sleeping(app_name) == 0
     reasons = pool_of(engine).state.counters.invalidations_by_reason
     if database.driver == "asyncpg":  # psycopg: refused at the reset, see test_cleanup_edges
         assert reasons["returned_mid_statement"] == 1
-
-
-async def _sleeping_at_all(database: TestDatabase, app_name: str) -> bool:
-    return await sleeping(database, app_name) > 0
 
 
 # ------------------------------------------------- killed while idle, at once
