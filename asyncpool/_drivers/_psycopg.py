@@ -19,8 +19,10 @@ locks until the server notices). asyncpool's connections are of a subclass
 cancellation through at once and leaves the statement running, as asyncpg
 does: the connection comes back ``ACTIVE`` with its lock free
 (``CANCELLING``), and the pool's own bounded clean-up task stops it on the
-server (``settle()``: a CancelRequest through ``cancel_safe()``, libpq 17's
-non-blocking cancel where available, then reads the statement's end).
+server (``settle()``: libpq 17's non-blocking CancelRequest through
+``cancel_safe()``, or with an older libpq ``pg_cancel_backend()`` on a
+short-lived connection, never the blocking ``PQcancel()``; then it reads the
+statement's end).
 An engine made with ``async_creator=`` keeps psycopg's own behaviour.
 
 Event loops: a psycopg connection holds no loop. The pool records the loop a
@@ -197,9 +199,9 @@ class _Psycopg:
         busy = conn.pgconn.transaction_status == _TX_ACTIVE
         in_use = conn.lock.locked()
         if busy:
-            # The server answers the CancelRequest by ending the statement;
-            # the connection is settled once its result has been read.
-            await conn.cancel_safe(timeout=_SETTLE_SECONDS)
+            # The server answers the cancel by ending the statement; the
+            # connection is settled once its result has been read.
+            await _cancel(conn)
         async with asyncio.timeout(_SETTLE_SECONDS):
             if in_use:
                 # Its owner reads the result (QueryCanceled) and lets go.
@@ -247,6 +249,45 @@ class _Psycopg:
     def own_tasks(self, tasks: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
         # psycopg cancels on the calling task (or ours): no background tasks of its own.
         return []
+
+
+async def _cancel(conn: Any) -> None:
+    """Ask the server to stop the connection's running statement, without
+    blocking the loop."""
+    from psycopg import capabilities
+
+    if capabilities.has_cancel_safe():
+        # libpq 17: a non-blocking CancelRequest, bounded.
+        await conn.cancel_safe(timeout=_SETTLE_SECONDS)
+    elif conn.prepare_threshold is None:
+        # Probably behind PgBouncer (pooler="pgbouncer"), whose backend pid is
+        # its own: pg_cancel_backend() could hit somebody else's statement.
+        raise ConnectionError("no non-blocking cancel before libpq 17 behind a pooler")
+    else:
+        await _cancel_from_another_connection(conn)
+
+
+async def _cancel_from_another_connection(conn: Any) -> None:
+    """Before libpq 17 the only CancelRequest is the blocking ``PQcancel()``,
+    and psycopg's C implementation runs it holding the GIL: on a black-holed
+    network the whole process freezes (seen with psycopg[c] on libpq 15). So
+    ``pg_cancel_backend()`` on a short-lived connection of its own, to the
+    same server with the same parameters, async and bounded by the caller.
+    It shows in pg_stat_activity as "<application_name> (cancel)"."""
+    import psycopg
+
+    params = {o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None}
+    info = conn.info
+    params.update(host=info.host, port=str(info.port))
+    if info.hostaddr:
+        params["hostaddr"] = info.hostaddr
+    params["application_name"] = f"{params.get('application_name', '')} (cancel)"[-63:]
+    params.pop("options", None)  # no statement_timeout for this one
+    admin = await psycopg.AsyncConnection.connect(**params, autocommit=True)
+    try:
+        await admin.execute("SELECT pg_cancel_backend(%s)", [info.backend_pid])
+    finally:
+        await admin.close()
 
 
 async def _simple(conn: Any, sql: str | bytes) -> None:
