@@ -273,7 +273,9 @@ async def _cancel_from_another_connection(conn: Any) -> None:
     network the whole process freezes (seen with psycopg[c] on libpq 15). So
     ``pg_cancel_backend()`` on a short-lived connection of its own, to the
     same server with the same parameters, async and bounded by the caller.
-    It shows in pg_stat_activity as "<application_name> (cancel)"."""
+    It shows in pg_stat_activity as "<application_name> (cancel)". If it
+    cannot connect (a rotated password, the server full), the caller closes
+    the connection instead."""
     import psycopg
 
     params = {o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None}
