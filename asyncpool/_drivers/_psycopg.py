@@ -198,6 +198,11 @@ class _Psycopg:
             raise ConnectionError("connection is closed")
         busy = conn.pgconn.transaction_status == _TX_ACTIVE
         in_use = conn.lock.locked()
+        if busy and not in_use:
+            # A statement cut off while being sent: send the rest first, as
+            # the server ignores a cancel while it is still reading one.
+            async with asyncio.timeout(_SETTLE_SECONDS), conn.lock:
+                await _flush(conn)
         if busy:
             # The server answers the cancel by ending the statement; the
             # connection is settled once its result has been read.
@@ -259,12 +264,24 @@ async def _cancel(conn: Any) -> None:
     if capabilities.has_cancel_safe():
         # libpq 17: a non-blocking CancelRequest, bounded.
         await conn.cancel_safe(timeout=_SETTLE_SECONDS)
-    elif conn.prepare_threshold is None:
-        # Probably behind PgBouncer (pooler="pgbouncer"), whose backend pid is
-        # its own: pg_cancel_backend() could hit somebody else's statement.
-        raise ConnectionError("no non-blocking cancel before libpq 17 behind a pooler")
     else:
         await _cancel_from_another_connection(conn)
+
+
+#: Cancel connections open at once per event loop (libpq < 17 only): a storm
+#: of cancellations must not open a storm of connections.
+_CANCELS_AT_ONCE: Final = 2
+_cancel_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+#: Only the backend this connection talks to: its pid and the client port
+#: the server sees (-1 over a Unix socket). A pid alone could be another
+#: backend's: behind a load balancer, a pooler (whose pid is its own), or
+#: reused after ours died.
+_CANCEL_OURS: Final = (
+    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE pid = %s AND client_port = %s"
+)
 
 
 async def _cancel_from_another_connection(conn: Any) -> None:
@@ -273,23 +290,57 @@ async def _cancel_from_another_connection(conn: Any) -> None:
     network the whole process freezes (seen with psycopg[c] on libpq 15). So
     ``pg_cancel_backend()`` on a short-lived connection of its own, to the
     same server with the same parameters, async and bounded by the caller.
-    It shows in pg_stat_activity as "<application_name> (cancel)". If it
-    cannot connect (a rotated password, the server full), the caller closes
-    the connection instead."""
-    import psycopg
-
-    params = {o.keyword.decode(): o.val.decode() for o in conn.pgconn.info if o.val is not None}
+    It shows in pg_stat_activity as "<application_name> (cancel)". Whenever
+    the backend cannot be told apart for sure (a NAT, a pooler), or the
+    connect fails (a rotated password, the server full), it raises and the
+    caller closes the connection instead."""
+    pgconn = conn.pgconn
+    if _at_eof(pgconn.socket):
+        raise ConnectionError("the server closed the connection")
+    port = _local_port(pgconn.socket)
+    try:
+        params = {o.keyword.decode(): o.val.decode() for o in pgconn.info if o.val is not None}
+    except UnicodeDecodeError:
+        raise ConnectionError("connection parameters are not UTF-8") from None
     info = conn.info
     params.update(host=info.host, port=str(info.port))
+    params.pop("hostaddr", None)
     if info.hostaddr:
         params["hostaddr"] = info.hostaddr
-    params["application_name"] = f"{params.get('application_name', '')} (cancel)"[-63:]
-    params.pop("options", None)  # no statement_timeout for this one
-    admin = await psycopg.AsyncConnection.connect(**params, autocommit=True)
+    # One known server: no second attempt, no choice of host.
+    params["target_session_attrs"] = "any"
+    if "load_balance_hosts" in params:
+        params["load_balance_hosts"] = "disable"
+    name = params.get("application_name", "").encode()[:50].decode(errors="ignore")
+    params["application_name"] = f"{name} (cancel)".lstrip()
+    loop = asyncio.get_running_loop()
+    slots = _cancel_slots.get(loop)
+    if slots is None:
+        slots = _cancel_slots[loop] = asyncio.Semaphore(_CANCELS_AT_ONCE)
+    async with slots:
+        # Our own connection class: a cancelled wait() here sends no
+        # CancelRequest of psycopg's (the blocking one, on this libpq).
+        admin = await connection_class().connect(**params, autocommit=True)
+        try:
+            cursor = await admin.execute(_CANCEL_OURS, [info.backend_pid, port])
+            row = await cursor.fetchone()
+        finally:
+            await admin.close()
+    if not (row and row[0]):
+        raise ConnectionError("the connection's backend could not be identified to cancel it")
+
+
+def _local_port(fd: int) -> int:
+    """The client port the server sees for this socket; -1 over a Unix socket."""
+    import socket
+
+    sock = socket.socket(fileno=fd)
     try:
-        await admin.execute("SELECT pg_cancel_backend(%s)", [info.backend_pid])
+        if sock.family == socket.AF_UNIX:
+            return -1
+        return int(sock.getsockname()[1])
     finally:
-        await admin.close()
+        sock.detach()
 
 
 async def _simple(conn: Any, sql: str | bytes) -> None:
@@ -313,14 +364,20 @@ async def _run(conn: Any, sql: str | bytes) -> None:
             raise errors.error_from_result(result, encoding=pgconn._encoding)
 
 
+async def _flush(conn: Any) -> None:
+    """Send what is left of a statement whose task was cancelled mid-send."""
+    from psycopg import generators, waiting
+
+    await waiting.wait_async(generators.send(conn.pgconn), conn.pgconn.socket, interval=0.1)
+
+
 async def _drain(conn: Any) -> None:
-    """Send what is left of a statement and read the results nobody reads (its
-    task was cancelled)."""
+    """Read the results nobody reads (the statement's task was cancelled)."""
     from psycopg import errors, generators, waiting
 
     pgconn = conn.pgconn
     async with conn.lock:
-        await waiting.wait_async(generators.send(pgconn), pgconn.socket, interval=0.1)
+        await _flush(conn)
         while pgconn.transaction_status == _TX_ACTIVE:
             try:
                 await waiting.wait_async(generators.fetch_many(pgconn), pgconn.socket, interval=0.1)
@@ -377,7 +434,7 @@ def connection_class() -> Any:
     global _connection_class
     if _connection_class is None:
         import psycopg
-        from psycopg import waiting
+        from psycopg import capabilities, waiting
 
         class PooledConnection(psycopg.AsyncConnection[Any]):
             """psycopg's connection; a cancelled operation is settled by the pool.
@@ -387,6 +444,18 @@ def connection_class() -> Any:
             queueing behind it: a give-back never waits for someone's
             statement, and the pool cancels it instead.
             """
+
+            async def cancel_safe(self, *, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+                """psycopg's, but never the blocking ``PQcancel()`` (libpq < 17),
+                also where psycopg calls it itself (a stream or COPY cut short)."""
+                if capabilities.has_cancel_safe() or self.closed:
+                    await super().cancel_safe(timeout=timeout)
+                    return
+                try:
+                    async with asyncio.timeout(timeout):
+                        await _cancel_from_another_connection(self)
+                except (ConnectionError, TimeoutError, psycopg.Error) as exc:
+                    raise psycopg.errors.CancellationTimeout(str(exc)) from None
 
             async def commit(self) -> None:
                 self._refuse_if_busy()
