@@ -11,6 +11,7 @@ so these run on the newest wheel too; .ci/versions runs the suite on libpq 16.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -34,14 +35,25 @@ async def _sleeping_connection(dsn: str) -> tuple[Any, asyncio.Task[Any]]:
     return conn, asyncio.ensure_future(conn.execute("SELECT pg_sleep(5)"))
 
 
+async def _pools_cancel(conn: Any) -> None:
+    await _cancel_from_another_connection(conn)
+
+
+async def _psycopgs_cancel_safe(conn: Any) -> None:
+    # psycopg calls it itself (a stream or COPY cut short); on libpq < 17 the
+    # pool's connection class sends the cancel as the pool does.
+    await conn.cancel_safe(timeout=2)
+
+
+@pytest.mark.parametrize("cancel", [_pools_cancel, _psycopgs_cancel_safe])
 async def test_it_cancels_the_statement_of_its_own_backend_and_the_connection_stays_usable(
-    database: TestDatabase, app_name: str
+    database: TestDatabase, app_name: str, cancel: Callable[[Any], Awaitable[None]]
 ) -> None:
     conn, statement = await _sleeping_connection(_libpq_dsn(database.url, app_name))
     try:
         await wait_for_async(lambda: database.any_sleeping(app_name), what="pg_sleep")
         async with asyncio.timeout(2):
-            await _cancel_from_another_connection(conn)
+            await cancel(conn)
             with pytest.raises(psycopg.errors.QueryCanceled):
                 await statement
         assert await database.sleeping(app_name) == 0
@@ -77,20 +89,3 @@ async def test_a_backend_it_cannot_tell_apart_is_left_alone_and_it_says_so(
             "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
             app_name,
         )
-
-
-async def test_psycopgs_own_cancel_safe_on_a_pool_connection_stops_the_statement(
-    database: TestDatabase, app_name: str
-) -> None:
-    # psycopg calls cancel_safe() itself (a stream or COPY cut short); on
-    # libpq < 17 the pool's connection class sends the cancel as above.
-    conn, statement = await _sleeping_connection(_libpq_dsn(database.url, app_name))
-    try:
-        await wait_for_async(lambda: database.any_sleeping(app_name), what="pg_sleep")
-        async with asyncio.timeout(2):
-            await conn.cancel_safe(timeout=2)
-            with pytest.raises(psycopg.errors.QueryCanceled):
-                await statement
-        assert await database.sleeping(app_name) == 0
-    finally:
-        await conn.close()
