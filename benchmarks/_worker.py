@@ -93,10 +93,9 @@ def _dispatch(
     raise ValueError(f"unknown command {name!r}")
 
 
-def _info(variant: Any, telemetry: Any) -> dict[str, Any]:
+def package_versions() -> dict[str, str]:
+    """The versions of what a benchmark measures, ``-`` where not installed."""
     from importlib import metadata
-
-    from . import variants
 
     versions = {}
     for dist in (
@@ -112,10 +111,16 @@ def _info(variant: Any, telemetry: Any) -> dict[str, Any]:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = "-"
+    return versions
+
+
+def _info(variant: Any, telemetry: Any) -> dict[str, Any]:
+    from . import variants
+
     info: dict[str, Any] = {
         "variant": variant.name,
         "label": variant.label,
-        "versions": versions,
+        "versions": package_versions(),
         "telemetry": telemetry.describe(),
     }
     if variant.kind == "asyncpool":

@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the checkout's asyncpool, not an installed one
 
 from benchmarks import _report  # noqa: E402
-from benchmarks._worker import DSN_VARIABLE  # noqa: E402
+from benchmarks._worker import DSN_VARIABLE, package_versions  # noqa: E402
 from benchmarks.overload import (  # noqa: E402
     HOLD,
     MAX_OVERFLOW,
@@ -523,22 +523,7 @@ def _git_describe() -> str:
 
 
 def _versions(infos: dict[str, Any]) -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {}
-    for dist in (
-        "sqlalchemy",
-        "asyncpg",
-        "psycopg",
-        "psycopg-pool",
-        "greenlet",
-        "opentelemetry-api",
-        "opentelemetry-sdk",
-    ):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "-"
+    versions = package_versions()
     return {
         "sqlalchemy": versions["sqlalchemy"],
         "asyncpg": versions["asyncpg"],

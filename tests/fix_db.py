@@ -156,6 +156,21 @@ def app_name(request: pytest.FixtureRequest) -> str:
 
 
 EngineFactory = Callable[..., AsyncEngine]
+SyncEngineFactory = Callable[..., AsyncEngine]
+
+
+@pytest.fixture
+def make_sync_engine(database: TestDatabase, app_name: str) -> Iterator[SyncEngineFactory]:
+    """Engines for sync tests (``asyncpool.run``); the main thread's kept loop
+    is closed afterwards."""
+
+    def factory(**overrides: Any) -> AsyncEngine:
+        overrides.setdefault("application_name", app_name)
+        overrides.setdefault("name", app_name)
+        return asyncpool.create_pooled_engine(database.url, **overrides)
+
+    yield factory
+    asyncpool.runner.close()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import asyncpool
 from asyncpool import ConfigurationError, WrongEventLoopError, statistics
 from asyncpool.budget import _share
-from tests.fix_db import TestDatabase, wait_for_async
+from tests.fix_db import SyncEngineFactory, TestDatabase, wait_for_async
 
 THREADS = 4
 CALLS = 25
@@ -60,17 +60,6 @@ def in_threads(engine: AsyncEngine, loop_factory: LoopFactory = None) -> list[An
         return [result for future in futures for result in future.result()]
 
 
-@pytest.fixture
-def make_sync_engine(database: TestDatabase, app_name: str) -> Iterator[Callable[..., AsyncEngine]]:
-    def factory(**overrides: Any) -> AsyncEngine:
-        overrides.setdefault("application_name", app_name)
-        overrides.setdefault("name", app_name)
-        return asyncpool.create_pooled_engine(database.url, **overrides)
-
-    yield factory
-    asyncpool.runner.close()
-
-
 def no_backends_left(database: TestDatabase, app_name: str) -> None:
     async def none() -> bool:
         return not await database.backends(app_name)
@@ -80,7 +69,7 @@ def no_backends_left(database: TestDatabase, app_name: str) -> None:
 
 @pytest.mark.parametrize("loop_factory", [None, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
 def test_four_threads_share_one_engine_with_a_pool_per_loop(
-    make_sync_engine: Callable[..., AsyncEngine],
+    make_sync_engine: SyncEngineFactory,
     database: TestDatabase,
     app_name: str,
     loop_factory: LoopFactory,
@@ -98,7 +87,7 @@ def test_four_threads_share_one_engine_with_a_pool_per_loop(
 
 
 def test_without_it_a_second_live_loop_gets_wrong_event_loop_error(
-    make_sync_engine: Callable[..., AsyncEngine],
+    make_sync_engine: SyncEngineFactory,
 ) -> None:
     engine = make_sync_engine(pool_size=2, max_overflow=0)
     results = in_threads(engine)
@@ -108,7 +97,7 @@ def test_without_it_a_second_live_loop_gets_wrong_event_loop_error(
 
 
 def test_loops_beyond_max_loops_get_a_clear_error_and_closed_loops_free_their_place(
-    make_sync_engine: Callable[..., AsyncEngine], database: TestDatabase, app_name: str
+    make_sync_engine: SyncEngineFactory, database: TestDatabase, app_name: str
 ) -> None:
     engine = make_sync_engine(pool_size=1, max_overflow=0, pool_per_loop=True, max_loops=2)
     first, second, third = (asyncio.new_event_loop() for _ in range(3))
@@ -136,7 +125,7 @@ def test_loops_beyond_max_loops_get_a_clear_error_and_closed_loops_free_their_pl
 
 
 def test_the_budget_counts_max_loops_and_resize_is_refused(
-    make_sync_engine: Callable[..., AsyncEngine],
+    make_sync_engine: SyncEngineFactory,
 ) -> None:
     engine = make_sync_engine(pool_size=2, max_overflow=1, pool_per_loop=True, max_loops=4)
     assert _share(engine).max_connections == (2 + 1) * 4

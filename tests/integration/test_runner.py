@@ -20,7 +20,7 @@ import sys
 import threading
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import asyncpool
 from asyncpool import statistics
-from tests.fix_db import TestDatabase, wait_for_async
+from tests.fix_db import SyncEngineFactory, TestDatabase, wait_for_async
 
 ROOT = Path(__file__).resolve().parents[2]
 CALLS = 100
@@ -49,8 +49,6 @@ FORBIDDEN = (
     "InterfaceError",
 )
 
-SyncEngineFactory = Callable[..., AsyncEngine]
-
 
 async def backend_pid(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
@@ -66,19 +64,6 @@ def no_backends_left(database: TestDatabase, application_name: str, within: floa
         return not await database.backends(application_name)
 
     asyncio.run(wait_for_async(none, what=f"{application_name}'s backends to go", within=within))
-
-
-@pytest.fixture
-def make_sync_engine(database: TestDatabase, app_name: str) -> Iterator[SyncEngineFactory]:
-    """Engines for sync tests; the main thread's kept loop is closed afterwards."""
-
-    def factory(**overrides: Any) -> AsyncEngine:
-        overrides.setdefault("application_name", app_name)
-        overrides.setdefault("name", app_name)
-        return asyncpool.create_pooled_engine(database.url, **overrides)
-
-    yield factory
-    asyncpool.runner.close()
 
 
 @pytest.mark.parametrize("loop_factory", [None, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
